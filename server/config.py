@@ -1,0 +1,228 @@
+"""Daemon configuration: a TOML file plus command-line overrides, validated strictly at startup.
+
+A typo or an out-of-range value stops the daemon with a message naming the key, instead of being
+ignored and surfacing later as a confusing runtime failure.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import reprlib
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+CONFIG_ENV = "SPEAKD_CONFIG"
+CACHE_DIR_ENV = "SPEAKD_CACHE_DIR"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Grows as engines are added; model.engine is checked against it.
+ENGINES = frozenset({"onnx"})
+OPUS_MIN_BITRATE = 6000
+OPUS_MAX_BITRATE = 510000
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """Where the daemon listens and how it stops."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Per-connection and global bounds that keep one client from exhausting the daemon."""
+
+    max_message_bytes: int = 65536
+    max_buffered_text_chars: int = 20000
+    max_contexts_per_connection: int = 16
+    max_connections: int = 256
+    idle_timeout_s: float = 300.0
+    max_outbound_bytes: int = 4 * 1024 * 1024
+    send_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which engine and voice to use; empty cache_dir means `default_cache_dir()`, threads 0 all cores."""
+
+    engine: str = "onnx"
+    cache_dir: str = ""
+    default_voice: str = "jf_gongitsune"
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    """Queue bounds and segmentation knobs trading first-audio latency against prosody."""
+
+    stage_queue_size: int = 32
+    first_clause_min_words: int = 4
+    max_segment_chars: int = 300
+
+
+@dataclass(frozen=True)
+class AudioSection:
+    """Opus encoder settings; bitrate 0 picks one per sample rate."""
+
+    opus_bitrate: int = 0
+    opus_complexity: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `Config()` is the built-in defaults."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    audio: AudioSection = field(default_factory=AudioSection)
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """model.cache_dir with `~` expanded, or `default_cache_dir()` when it is empty."""
+        return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    """$SPEAKD_CACHE_DIR, else $XDG_CACHE_HOME/speakd (if absolute, as XDG asks), else ~/.cache/speakd."""
+    explicit = os.environ.get(CACHE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "speakd"
+    return Path.home() / ".cache" / "speakd"
+
+
+# Section name -> section class, and section name -> {key: declared type}, both taken from the dataclasses
+# so that adding a field is all it takes to accept a new key.
+_SECTIONS: dict[str, type[Any]] = {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
+_KEY_TYPES: dict[str, dict[str, type[Any]]] = {name: get_type_hints(cls) for name, cls in _SECTIONS.items()}
+_TYPE_NAMES: dict[type[Any], str] = {str: "a string", int: "an integer", float: "a finite number"}
+
+
+def _positive(value: Any) -> bool:
+    return bool(value > 0)
+
+
+def _non_negative(value: Any) -> bool:
+    return bool(value >= 0)
+
+
+def _non_empty(value: Any) -> bool:
+    return bool(value != "")
+
+
+_Rule = tuple[Callable[[Any], bool], str]
+_POSITIVE: _Rule = (_positive, "greater than 0")
+_RULES: dict[str, _Rule] = {
+    "server.host": (_non_empty, "a non-empty string"),
+    "server.port": (lambda v: 0 <= v <= 65535, "between 0 and 65535 (0 picks a free port)"),
+    "server.shutdown_grace_s": (_non_negative, "at least 0"),
+    "server.log_level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(map(repr, LOG_LEVELS))}"),
+    **{f"limits.{key}": _POSITIVE for key in _KEY_TYPES["limits"]},
+    "model.engine": (lambda v: v in ENGINES, f"one of {', '.join(map(repr, sorted(ENGINES)))}"),
+    "model.default_voice": (_non_empty, "a non-empty string"),
+    "model.threads": (_non_negative, "at least 0 (0 = all cores)"),
+    "pipeline.stage_queue_size": _POSITIVE,
+    "pipeline.first_clause_min_words": (_non_negative, "at least 0"),
+    "pipeline.max_segment_chars": _POSITIVE,
+    "audio.opus_bitrate": (
+        lambda v: v == 0 or OPUS_MIN_BITRATE <= v <= OPUS_MAX_BITRATE,
+        f"0 (automatic) or between {OPUS_MIN_BITRATE} and {OPUS_MAX_BITRATE}",
+    ),
+    "audio.opus_complexity": (lambda v: 0 <= v <= 10, "between 0 and 10"),
+}
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Defaults, then the TOML file, then `overrides`; raises `ConfigError` on anything questionable.
+
+    With `path` None, the file named by $SPEAKD_CONFIG is read if that is set, else none. `overrides`
+    maps dotted keys ("server.port") to values; None values are skipped, so argparse options left
+    unset (default None) do not override the file.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    values: dict[str, dict[str, object]] = {section: {} for section in _SECTIONS}
+    if path is not None:
+        for dotted, value in _read_file(path).items():
+            _apply(values, dotted, value, f"{path}: ")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _apply(values, dotted, value, "")
+    sections: dict[str, Any] = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
+    return Config(**sections)
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    """The file's settings as dotted keys; only the section level is checked here."""
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    flat: dict[str, object] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]{_section_hint(section)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}]), got {_describe(table)}")
+        flat.update({f"{section}.{key}": value for key, value in table.items()})
+    return flat
+
+
+def _apply(values: dict[str, dict[str, object]], dotted: str, value: object, where: str) -> None:
+    """Check one setting completely (name, type, range) and store it; `where` prefixes error messages."""
+    section, _, key = dotted.partition(".")
+    if section not in _SECTIONS:
+        raise ConfigError(f"{where}unknown section {section!r}{_section_hint(section)}")
+    expected = _KEY_TYPES[section].get(key)
+    if expected is None:
+        raise ConfigError(f"{where}unknown key {dotted!r}{_key_hint(section, key)}")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, expected)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise ConfigError(f"{where}{dotted} must be {_TYPE_NAMES[expected]}, got {_describe(value)}")
+    rule = _RULES.get(dotted)
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{where}{dotted} must be {rule[1]}, got {reprlib.repr(value)}")
+    values[section][key] = value
+
+
+def _section_hint(name: str) -> str:
+    match = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+    return f"; did you mean {match[0]!r}?" if match else f" (sections: {', '.join(_SECTIONS)})"
+
+
+def _key_hint(section: str, key: str) -> str:
+    """The same key in another section, else a close match in this one, else this section's keys."""
+    candidates = [f"{other}.{key}" for other, keys in _KEY_TYPES.items() if key in keys]
+    candidates += [
+        f"{section}.{close}" for close in difflib.get_close_matches(key, list(_KEY_TYPES[section]), n=1)
+    ]
+    if candidates:
+        return f"; did you mean {candidates[0]!r}?"
+    return f" (keys of [{section}]: {', '.join(_KEY_TYPES[section])})"
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}"
