@@ -1,0 +1,93 @@
+"""`speakd serve`: parse options, load the configuration, run the daemon until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import Config, load_config
+from .errors import SpeakdError
+
+logger = logging.getLogger("speakd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speakd", description="Real-time streaming speech daemon.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, help="TOML configuration file (default: $SPEAKD_CONFIG)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8765; 0 picks a free one)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    serve.add_argument("--cache-dir", help="where the assembled model is cached (default ~/.cache/speakd)")
+    serve.add_argument("--voice", help="default voice (default jf_gongitsune)")
+    serve.add_argument("--threads", type=int, help="inference threads per stage (default: all cores)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.log_level": args.log_level,
+        "model.cache_dir": args.cache_dir,
+        "model.default_voice": args.voice,
+        "model.threads": args.threads,
+    }
+
+
+async def _serve(config: Config) -> None:
+    from .app import STOP, create_app, load_error
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s + 5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    for address in runner.addresses:
+        host, port = address[0], address[1]
+        logger.info("listening on ws://%s:%d/v1/stream (model loading; /readyz says when ready)", host, port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app[STOP].set)
+    await app[STOP].wait()
+    error = load_error(app)
+    if error is None:
+        logger.info("stopping: finishing open contexts (up to %.0f s)", config.server.shutdown_grace_s)
+    await runner.cleanup()
+    if error is not None:
+        raise error
+    logger.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, _overrides(args))
+    except SpeakdError as exc:
+        print(f"speakd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(config))
+    except SpeakdError as exc:
+        logger.critical("cannot start: %s", exc)
+        return 1
+    except OSError as exc:
+        logger.critical("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The synthesis pipeline: G2P → acoustic → vocoder → encoder, stages joined by bounded fair queues.
+
+Each stage owns one worker task and one thread: heavy work never runs on the event loop, stages
+overlap (one segment is vocoded while the next one's acoustic pass runs), and a context's items
+stay in order because each stage serves a context's lane first in, first out. A cancel marks the
+job and drops its queued items in every stage; work already running finishes and is thrown away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from .audio_encoder import Frame, FrameEncoder
+from .engine import AcousticFeatures, AcousticRequest, Engine
+from .errors import SynthesisError
+from .fair_queue import FairQueue
+from .g2p import EnglishG2P
+from .metrics import SpeakdMetrics
+from .voices import VoiceBank
+
+logger = logging.getLogger(__name__)
+
+
+class JobSink(Protocol):
+    """Where a job's results land, on the event loop (the connection that owns the context)."""
+
+    def deliver(self, job: Job, segment: EncodedSegment) -> None: ...
+
+    def finish(self, job: Job, tail: Sequence[Frame]) -> None: ...
+
+    def fail(self, job: Job, error: SynthesisError) -> None: ...
+
+
+class Job:
+    """One context's synthesis: its settings, its encoder, and the cancel flag every stage checks."""
+
+    def __init__(
+        self, *, context: str, voice: str, lang: str, speed: float, encoder: FrameEncoder, sink: JobSink
+    ) -> None:
+        self.context = context
+        self.voice = voice
+        self.lang = lang
+        self.speed = speed
+        self.encoder = encoder
+        self.sink = sink
+        self.cancelled = False
+        # Each counter has one writer (the loop or the G2P thread), so reads elsewhere are safe.
+        self.texts_submitted = 0
+        self.submitted_chars = 0
+        self.segments_made = 0
+        self.retired_chars = 0
+
+    @property
+    def pending_chars(self) -> int:
+        """Text submitted but not yet through G2P: part of the context's text budget."""
+        return self.submitted_chars - self.retired_chars
+
+    def __repr__(self) -> str:
+        return f"Job({self.context!r}, cancelled={self.cancelled})"
+
+
+@dataclass(slots=True)
+class TextItem:
+    job: Job
+    text: str
+    first: bool
+
+
+@dataclass(slots=True)
+class PhonemesItem:
+    job: Job
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class FeaturesItem:
+    job: Job
+    index: int
+    text: str
+    features: AcousticFeatures
+
+
+@dataclass(slots=True)
+class WaveformItem:
+    job: Job
+    index: int
+    text: str
+    audio: npt.NDArray[np.float32]
+
+
+@dataclass(slots=True)
+class EncodedSegment:
+    job: Job
+    index: int
+    text: str
+    frames: list[Frame]
+
+
+@dataclass(slots=True)
+class EndMarker:
+    """Follows a context's last segment through every stage; the encoder stage fills in the tail."""
+
+    job: Job
+    tail: Sequence[Frame] = ()
+
+
+Item = TextItem | PhonemesItem | FeaturesItem | WaveformItem | EncodedSegment | EndMarker
+In = TypeVar("In", bound=Item)
+Out = TypeVar("Out", bound=Item)
+
+
+def _is_urgent(item: Item) -> bool:
+    """A context's first segment jumps the queue: time to first audio matters most."""
+    return (isinstance(item, TextItem) and item.first) or getattr(item, "index", None) == 0
+
+
+class Stage(Generic[In, Out]):
+    """One worker task pulling batches from `inbox`, computing in its own thread, pushing onward."""
+
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[list[In]], list[Out]],
+        inbox: FairQueue[In | EndMarker],
+        emit: Callable[[Out | EndMarker], Awaitable[None]],
+        *,
+        max_batch: int,
+        metrics: SpeakdMetrics,
+        on_failure: Callable[[Job, SynthesisError], None],
+        finish: Callable[[EndMarker], EndMarker] | None = None,
+    ) -> None:
+        self.name = name
+        self.inbox = inbox
+        self._work = work
+        self._emit = emit
+        self._max_batch = max_batch
+        self._metrics = metrics
+        self._on_failure = on_failure
+        self._finish = finish
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"speakd-{name}")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [item for item in await self.inbox.get_batch(self._max_batch) if not item.job.cancelled]
+            work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
+            outputs: list[Out | EndMarker] = []
+            if work:
+                outputs.extend(await self._compute(loop, work))
+            for item in batch:
+                if isinstance(item, EndMarker):
+                    marker = (
+                        await loop.run_in_executor(self._executor, self._finish, item)
+                        if self._finish
+                        else item
+                    )
+                    outputs.append(marker)
+            for output in outputs:
+                if not output.job.cancelled:
+                    await self._emit(output)
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out]:
+        started = time.perf_counter()
+        try:
+            outputs: list[Out] = await loop.run_in_executor(self._executor, self._work, work)
+        except Exception as exc:
+            if len(work) == 1:
+                error = SynthesisError(f"{self.name} failed for context {work[0].job.context!r}: {exc}")
+                error.__cause__ = exc
+                logger.exception("%s stage failed", self.name)
+                self._on_failure(work[0].job, error)
+                return []
+            # Isolate the culprit so one bad segment cannot fail its batch-mates.
+            outputs = []
+            for item in work:
+                outputs.extend(await self._compute(loop, [item]))
+            return outputs
+        self._metrics.stage_seconds.labels(stage=self.name).observe(time.perf_counter() - started)
+        return outputs
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Pipeline:
+    """The four stages, their queues, and the operations a connection needs: submit, end, cancel."""
+
+    STAGES = ("g2p", "acoustic", "vocoder", "encoder")
+
+    def __init__(
+        self,
+        *,
+        g2p: EnglishG2P,
+        engine: Engine,
+        voices: VoiceBank,
+        metrics: SpeakdMetrics,
+        queue_size: int,
+        max_batch: int = 1,
+    ) -> None:
+        self._g2p = g2p
+        self._engine = engine
+        self._voices = voices
+        # Text waiting for G2P is bounded per context by the connection's text budget, not here.
+        self._text_queue: FairQueue[TextItem | EndMarker] = FairQueue(None)
+        self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(queue_size)
+        self._feature_queue: FairQueue[FeaturesItem | EndMarker] = FairQueue(queue_size)
+        self._waveform_queue: FairQueue[WaveformItem | EndMarker] = FairQueue(queue_size)
+
+        def stage(
+            name: str,
+            work: Callable[[list[In]], list[Out]],
+            inbox: FairQueue[In | EndMarker],
+            emit: Callable[[Out | EndMarker], Awaitable[None]],
+            finish: Callable[[EndMarker], EndMarker] | None = None,
+        ) -> Stage[In, Out]:
+            depth = metrics.stage_queue_depth.labels(stage=name)
+            depth.set_function(lambda: float(len(inbox)))
+            return Stage(
+                name,
+                work,
+                inbox,
+                emit,
+                max_batch=max_batch,
+                metrics=metrics,
+                on_failure=self._fail,
+                finish=finish,
+            )
+
+        self._stages: list[Stage[Any, Any]] = [
+            stage("g2p", self._phonemize, self._text_queue, self._forward(self._phoneme_queue)),
+            stage("acoustic", self._acoustic, self._phoneme_queue, self._forward(self._feature_queue)),
+            stage("vocoder", self._vocode, self._feature_queue, self._forward(self._waveform_queue)),
+            stage("encoder", self._encode, self._waveform_queue, self._deliver, finish=self._encode_tail),
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(stage.run(), name=f"stage-{stage.name}") for stage in self._stages]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stage in self._stages:
+            stage.close()
+
+    def submit(self, job: Job, text: str) -> None:
+        item = TextItem(job, text, first=job.texts_submitted == 0)
+        job.texts_submitted += 1
+        job.submitted_chars += len(text)
+        self._text_queue.put_nowait(job, item, urgent=item.first)
+
+    def end(self, job: Job) -> None:
+        self._text_queue.put_nowait(job, EndMarker(job))
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        for stage in self._stages:
+            stage.inbox.discard(job)
+
+    def depths(self) -> dict[str, int]:
+        return {stage.name: len(stage.inbox) for stage in self._stages}
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _forward(queue: FairQueue[In | EndMarker]) -> Callable[[In | EndMarker], Awaitable[None]]:
+        async def emit(item: In | EndMarker) -> None:
+            await queue.put(item.job, item, urgent=_is_urgent(item))
+
+        return emit
+
+    @staticmethod
+    async def _deliver(item: EncodedSegment | EndMarker) -> None:
+        if isinstance(item, EndMarker):
+            item.job.sink.finish(item.job, item.tail)
+        else:
+            item.job.sink.deliver(item.job, item)
+
+    def _fail(self, job: Job, error: SynthesisError) -> None:
+        if not job.cancelled:
+            self.cancel(job)
+            job.sink.fail(job, error)
+
+    # -- stage work, each run in its stage's thread ------------------------------------------------
+
+    def _phonemize(self, items: list[TextItem]) -> list[PhonemesItem]:
+        out = []
+        for item in items:
+            chunks = self._g2p(item.text, item.job.lang)
+            for chunk in chunks:
+                out.append(PhonemesItem(item.job, item.job.segments_made, chunk.text, chunk.tokens))
+                item.job.segments_made += 1
+            item.job.retired_chars += len(item.text)
+        return out
+
+    def _acoustic(self, items: list[PhonemesItem]) -> list[FeaturesItem]:
+        requests = [
+            AcousticRequest(item.tokens, self._voices.style(item.job.voice, len(item.tokens)), item.job.speed)
+            for item in items
+        ]
+        features = self._engine.acoustic(requests)
+        return [
+            FeaturesItem(item.job, item.index, item.text, feats)
+            for item, feats in zip(items, features, strict=True)
+        ]
+
+    def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem]:
+        audio = self._engine.vocode([item.features for item in items])
+        return [
+            WaveformItem(item.job, item.index, item.text, wave)
+            for item, wave in zip(items, audio, strict=True)
+        ]
+
+    @staticmethod
+    def _encode(items: list[WaveformItem]) -> list[EncodedSegment]:
+        return [
+            EncodedSegment(item.job, item.index, item.text, item.job.encoder.encode_segment(item.audio))
+            for item in items
+        ]
+
+    @staticmethod
+    def _encode_tail(marker: EndMarker) -> EndMarker:
+        return EndMarker(marker.job, marker.job.encoder.finish())
