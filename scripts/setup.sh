@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian/Ubuntu machine for speakd: system libraries, a venv, pinned packages.
+# Usage: scripts/setup.sh [extra]   (extra: "client" or "test"; idempotent, fast when already done)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-client}"
+
+need_libs=()
+ldconfig -p | grep -q 'libopus\.so\.0' || need_libs+=(libopus0)
+ldconfig -p | grep -q 'libportaudio\.so\.2' || need_libs+=(libportaudio2)
+if ((${#need_libs[@]})); then
+  echo "setup: installing system libraries: ${need_libs[*]}" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q "${need_libs[@]}" >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${need_libs[@]}" >/dev/null; }
+fi
+
+python="${PYTHON:-python3}"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "setup: speakd needs Python 3.11 or newer ($python is $("$python" --version 2>&1))" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+stamp=".venv/.speakd-setup-$extra"
+inputs=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
+  echo "setup: installing Python packages into .venv ($extra)" >&2
+  pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+  # misaki[en] pulls torch in through spaCy; pin the CPU build first so pip never fetches a CUDA one.
+  torch_source=()
+  [ -d /opt/wheels ] || torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  "${pip[@]}" "${torch_source[@]}" -c constraints.txt torch
+  "${pip[@]}" -c constraints.txt -e ".[$extra]"
+  echo "$inputs" > "$stamp"
+fi
