@@ -121,8 +121,11 @@ Out = TypeVar("Out", bound=Item)
 
 
 def _is_urgent(item: Item) -> bool:
-    """A context's first segment jumps the queue: time to first audio matters most."""
-    return (isinstance(item, TextItem) and item.first) or getattr(item, "index", None) == 0
+    """A context's first segment jumps the queue (time to first audio matters most), and so does
+    its end marker, which costs nothing and lets `done` go out as soon as the audio has."""
+    if isinstance(item, EndMarker):
+        return True
+    return item.first if isinstance(item, TextItem) else getattr(item, "index", None) == 0
 
 
 class Stage(Generic[In, Out]):
@@ -262,7 +265,7 @@ class Pipeline:
         self._text_queue.put_nowait(job, item, urgent=item.first)
 
     def end(self, job: Job) -> None:
-        self._text_queue.put_nowait(job, EndMarker(job))
+        self._text_queue.put_nowait(job, EndMarker(job), urgent=True)
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True

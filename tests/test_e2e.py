@@ -1,0 +1,237 @@
+"""End to end through a real `speakd serve` process, real sockets, real Opus, scored by Whisper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon import Daemon, client, token_pieces, transcribe, word_errors
+from websockets.exceptions import ConnectionClosed
+
+from speakd.protocol import (
+    Audio,
+    AudioCodec,
+    Cancel,
+    Done,
+    DoneReason,
+    End,
+    Error,
+    ErrorCode,
+    Flush,
+    Start,
+    Started,
+    Text,
+)
+
+pytestmark = pytest.mark.e2e
+
+# Held-out sentences (Harvard lists), none of them used to pick the default voice.
+SENTENCES = [
+    "The birch canoe slid on the smooth planks.",
+    "Glue the sheet to the dark blue background.",
+    "It is easy to tell the depth of a well.",
+    "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.",
+    "The juice of lemons makes fine punch.",
+]
+
+CONFIG = """
+[limits]
+max_outbound_bytes = 1000000
+send_timeout_s = 60.0
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("daemon"), model_cache, CONFIG)
+    d.wait_ready()
+    yield d
+    assert d.stop() == 0, "".join(d.log)
+
+
+def test_http_endpoints(daemon: Daemon) -> None:
+    assert daemon.get("/healthz") == (200, "ok\n")
+    assert daemon.get("/readyz")[0] == 200
+    status, body = daemon.get("/v1/voices")
+    voices = json.loads(body)
+    assert status == 200
+    assert {v["name"] for v in voices} >= {"jf_gongitsune", "jf_alpha", "jm_kumo"}
+    assert [v["name"] for v in voices if v["default"]] == ["jf_gongitsune"]
+    status, metrics = daemon.get("/metrics")
+    assert status == 200
+    assert "speakd_ready 1" in metrics
+    assert 'speakd_stage_queue_depth{stage="vocoder"}' in metrics
+
+
+async def test_token_stream_is_intelligible_and_ordered(daemon: Daemon) -> None:
+    text = " ".join(SENTENCES)
+    async with client(daemon.url) as c:
+        await c.send(Start(context="talk"))
+        started = await c.until("talk", Started)
+        assert isinstance(started, Started)
+        assert (started.codec, started.sample_rate, started.channels) == (AudioCodec.OPUS, 24000, 1)
+        sent_all_at = None
+        for piece in token_pieces(text):
+            await c.send(Text(context="talk", text=piece))
+            await asyncio.sleep(0.005)
+        sent_all_at = time.perf_counter()
+        await c.send(End(context="talk"))
+        await c.until_done("talk")
+    u = c.utterance("talk")
+    assert u.done is not None and u.done.reason is DoneReason.END
+    assert u.errors == []
+    # Every segment is announced before its audio; seq counts up without gaps across segments.
+    assert u.order[0] == "started" and u.order[1] == "segment" and u.order[-1] == "done"
+    assert [a.seq for a in u.audio] == list(range(len(u.audio)))
+    assert [s.segment for s in u.segments] == list(range(len(u.segments)))
+    assert len(u.segments) == u.done.segments >= len(SENTENCES)
+    assert " ".join(s.text for s in u.segments) == text
+    assert u.done.audio_ms == pytest.approx(sum(a.samples for a in u.audio) / 24.0)
+    assert all(a.samples == 480 for a in u.audio)
+    starts = [s.start_ms for s in u.segments]
+    assert starts == sorted(starts) and starts[0] == 0.0
+    # Streaming: audio arrived while later sentences were still being synthesized.
+    assert u.first_audio_at is not None and sent_all_at is not None
+    first_audio_index = u.order.index("audio")
+    assert u.order.index("segment", first_audio_index) < len(u.order) - 1
+    errors, total = word_errors(text, transcribe(u.pcm(), 24000))
+    assert total >= 40
+    assert errors / total <= 0.15, (errors, total)
+
+
+async def test_cancel_stops_audio_and_context_is_reusable(daemon: Daemon) -> None:
+    async with client(daemon.url) as c:
+        await c.send(Start(context="barge"))
+        await c.send(Text(context="barge", text=" ".join(SENTENCES * 3)))
+        await c.send(Flush(context="barge"))
+        await c.until("barge", Audio)
+        cancelled_at = time.perf_counter()
+        await c.send(Cancel(context="barge"))
+        done = await c.until("barge", Done, timeout=5)
+        assert isinstance(done, Done) and done.reason is DoneReason.CANCEL
+        assert time.perf_counter() - cancelled_at < 1.0
+        heard = len(c.utterance("barge").audio)
+        assert done.audio_ms < 30_000  # far less than the whole text
+        # Nothing more arrives for the cancelled context.
+        with pytest.raises(TimeoutError):
+            await c.recv(timeout=2.0)
+        assert len(c.utterance("barge").audio) == heard
+        # The same id starts afresh and speaks normally.
+        c.contexts.pop("barge")
+        await c.send(Start(context="barge"))
+        await c.send(Text(context="barge", text=SENTENCES[0]))
+        await c.send(End(context="barge"))
+        await c.until_done("barge")
+    u = c.utterance("barge")
+    assert u.done is not None and u.done.reason is DoneReason.END
+    errors, total = word_errors(SENTENCES[0], transcribe(u.pcm(), 24000))
+    assert errors / total <= 0.25
+
+
+async def test_two_contexts_on_one_connection(daemon: Daemon) -> None:
+    texts = {"left": SENTENCES[1], "right": SENTENCES[4]}
+    async with client(daemon.url) as c:
+        for name in texts:
+            await c.send(Start(context=name, codec=AudioCodec.PCM16, sample_rate=16000))
+        for name, text in texts.items():
+            for piece in token_pieces(text, 5):
+                await c.send(Text(context=name, text=piece))
+        for name in texts:
+            await c.send(End(context=name))
+        await c.until_done(*texts)
+    for name, text in texts.items():
+        u = c.utterance(name)
+        assert u.done is not None and u.done.reason is DoneReason.END
+        assert [a.seq for a in u.audio] == list(range(len(u.audio)))
+        assert all(a.samples == 320 for a in u.audio)
+        errors, total = word_errors(text, transcribe(u.pcm(), 16000))
+        assert errors / total <= 0.25, (name, errors, total)
+
+
+async def test_two_connections_at_once(daemon: Daemon) -> None:
+    async def speak(text: str, rate: int) -> tuple[str, int, bytes]:
+        async with client(daemon.url) as c:
+            await c.send(Start(sample_rate=rate, frame_ms=40))
+            await c.send(Text(text=text))
+            await c.send(End())
+            await c.until_done("default")
+        u = c.utterance("default")
+        assert u.done is not None and u.done.reason is DoneReason.END
+        assert all(a.samples == rate * 40 // 1000 for a in u.audio)
+        return text, rate, u.pcm().tobytes()
+
+    results = await asyncio.gather(speak(SENTENCES[2], 48000), speak(SENTENCES[3], 16000))
+    scores = [
+        word_errors(text, transcribe(np.frombuffer(pcm, np.int16), rate)) for text, rate, pcm in results
+    ]
+    assert sum(e for e, _ in scores) / sum(n for _, n in scores) <= 0.2, scores
+
+
+async def test_bad_input_gets_typed_errors_and_connection_survives(daemon: Daemon) -> None:
+    async with client(daemon.url) as c:
+        cases = [
+            ("a text frame", ErrorCode.BAD_MESSAGE),
+            (b"\xc1 not msgpack", ErrorCode.BAD_MESSAGE),
+            (b"\x81\xa4type\xa5hello", ErrorCode.UNKNOWN_TYPE),  # {"type": "hello"}
+            (b"\x81\xa4type\xa4text", ErrorCode.BAD_MESSAGE),  # text without text
+            (b"\x82\xa4type\xa5start\xa5speed\xcb\x40\x24\x00\x00\x00\x00\x00\x00", ErrorCode.INVALID_PARAM),
+            (b"\x80", ErrorCode.BAD_MESSAGE),
+        ]
+        for frame, code in cases:
+            await c.ws.send(frame)
+            msg = await c.recv(timeout=5)
+            assert isinstance(msg, Error) and msg.code is code, (frame, msg)
+        await c.send(Text(context="nobody", text="hi"))
+        msg = await c.recv(timeout=5)
+        assert isinstance(msg, Error) and msg.code is ErrorCode.UNKNOWN_CONTEXT and msg.context == "nobody"
+        await c.send(Start(context="v", voice="nope"))
+        msg = await c.recv(timeout=5)
+        assert isinstance(msg, Error) and msg.code is ErrorCode.UNKNOWN_VOICE
+        await c.ws.send(b"\x81\xa4type\xa4text" + b"x" * 70000)
+        msg = await c.recv(timeout=5)
+        assert isinstance(msg, Error) and msg.code is ErrorCode.MESSAGE_TOO_LARGE
+        # Still usable: a real utterance goes through.
+        await c.send(Start(context="ok"))
+        await c.send(Text(context="ok", text="Still here."))
+        await c.send(End(context="ok"))
+        await c.until_done("ok")
+        assert c.utterance("ok").done is not None
+        assert c.utterance("ok").audio
+
+
+async def test_non_reading_client_is_overloaded_without_hurting_others(daemon: Daemon) -> None:
+    slow_sock = socket.socket()
+    slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow_sock.connect(("127.0.0.1", int(daemon.url.split(":")[2].split("/")[0])))
+    async with client(daemon.url, sock=slow_sock, max_queue=1) as slow:
+        await slow.send(Start(context="hog", codec=AudioCodec.PCM16, sample_rate=48000))
+        await slow.send(Text(context="hog", text=" ".join(SENTENCES * 6)))
+        await slow.send(End(context="hog"))
+        # Meanwhile a well-behaved client is served normally.
+        async with client(daemon.url) as good:
+            await good.send(Start())
+            await good.send(Text(text=SENTENCES[5]))
+            await good.send(End())
+            await good.until_done("default")
+        assert good.utterance("default").done is not None
+        assert good.utterance("default").done.reason is DoneReason.END  # type: ignore[union-attr]
+        # Wait until the daemon gives up on the hog, then read what it left for us.
+        deadline = time.monotonic() + 120
+        while 'speakd_errors_total{code="overloaded"}' not in daemon.get("/metrics")[1]:
+            assert time.monotonic() < deadline, "the daemon never reported the non-reading client"
+            await asyncio.sleep(0.5)
+        try:
+            await slow.until_done("hog", timeout=60)
+        except ConnectionClosed:
+            pytest.fail("the connection should stay open after overloaded")
+    hog = slow.utterance("hog")
+    assert [e.code for e in hog.errors] == [ErrorCode.OVERLOADED]
+    assert hog.done is not None and hog.done.reason is DoneReason.ERROR
+    assert len(hog.audio) * 960 * 2 < 1_000_000 + 8 * 1024 * 1024  # bounded, not the whole text

@@ -1,0 +1,86 @@
+"""The daemon's life: not ready while loading, graceful SIGTERM, clear failures at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon import Daemon, client
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from speakd.protocol import Audio, Done, DoneReason, End, Error, ErrorCode, Start, Text
+
+pytestmark = pytest.mark.e2e
+
+LONG_TEXT = "The birch canoe slid on the smooth planks. " * 12
+
+
+async def test_readiness_and_graceful_stop(tmp_path: Path, model_cache: Path) -> None:
+    d = Daemon(tmp_path, model_cache, "[server]\nshutdown_grace_s = 4.0\n")
+    try:
+        status, body = d.get("/readyz")
+        assert (status, body) == (503, "loading\n")
+        assert d.get("/healthz")[0] == 200
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(d.url):
+                pass
+        assert refused.value.response.status_code == 503
+        d.wait_ready()
+
+        async with client(d.url) as short, client(d.url) as long:
+            await long.send(Start(context="long"))
+            await long.send(Text(context="long", text=LONG_TEXT))
+            await long.send(End(context="long"))
+            await long.until("long", Audio)
+            await short.send(Start(context="short"))
+            await short.send(Text(context="short", text="Bye now."))
+            await short.send(End(context="short"))
+            stop_sent = time.monotonic()
+            d.proc.send_signal(15)
+            # The short context finishes within the grace period; the long one is cut at its end.
+            await short.until_done("short", timeout=10)
+            assert short.utterance("short").done.reason is DoneReason.END  # type: ignore[union-attr]
+            await long.until_done("long", timeout=10)
+            assert time.monotonic() - stop_sent < 8
+            assert long.utterance("long").done.reason is DoneReason.CANCEL  # type: ignore[union-attr]
+            assert [e.code for e in long.utterance("long").errors] == [ErrorCode.SHUTTING_DOWN]
+            for c in (short, long):
+                with pytest.raises(ConnectionClosed):
+                    await c.recv(timeout=5)
+                assert c.ws.close_code == 1001
+        assert d.proc.wait(15) == 0
+        assert any("stopped" in line for line in d.log)
+    finally:
+        d.stop()
+
+
+def run_speakd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "speakd.server.cli", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_bad_config_is_reported_clearly(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[server]\nprot = 9000\n")
+    result = run_speakd("--config", str(config))
+    assert result.returncode == 2
+    assert "server.prot" in result.stderr and "did you mean 'server.port'" in result.stderr
+
+
+def test_unknown_default_voice_stops_the_daemon(tmp_path: Path, model_cache: Path) -> None:
+    result = run_speakd("--voice", "af_nobody", "--cache-dir", str(model_cache))
+    assert result.returncode == 1
+    assert "af_nobody" in result.stderr and "jf_gongitsune" in result.stderr
+
+
+def test_error_type_is_exported() -> None:
+    # The lifecycle test above relies on errors being distinguishable by code alone.
+    assert Error(code=ErrorCode.SHUTTING_DOWN, message="x").code.value == "shutting_down"
+    assert Done(reason=DoneReason.CANCEL, audio_ms=0.0, segments=0).reason.value == "cancel"
