@@ -1,7 +1,8 @@
 """Per-context audio encoders: 24 kHz model output in, one wire frame per `audio` message out.
 
-Each segment is cut into whole frames on its own (the last one zero-padded), so a frame never
-straddles two segments and a segment's audio can be sent as soon as it is rendered.
+A segment may arrive in several parts (windows vocoded one by one); each part's whole frames go out
+at once, and a partial frame waits for the next part. The segment's last frame is zero-padded, so a
+frame never straddles two segments. Frames do not depend on how a segment was split into parts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import opuslib
 
-from .resample import resample
+from .resample import StreamingResampler
 
 MODEL_RATE = 24000
 """Rate of the waveforms the model renders."""
@@ -52,7 +53,7 @@ def _to_int16(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
 
 
 class FrameEncoder(abc.ABC):
-    """Turns a context's segments into wire frames; one instance per context, used in order."""
+    """Turns a context's segments, each in one or more parts, into wire frames; one per context."""
 
     sample_rate: int
     frame_samples: int
@@ -65,18 +66,40 @@ class FrameEncoder(abc.ABC):
         self.sample_rate = sample_rate
         self.frame_samples = sample_rate * frame_ms // 1000
         self.pre_skip = 0
+        self._resampler = StreamingResampler(MODEL_RATE, sample_rate)
+        self._partial = np.zeros(0, dtype=np.int16)  # the current segment's samples short of a frame
+        self._segment_open = False
 
-    def encode_segment(self, audio24k: npt.NDArray[np.float32]) -> list[Frame]:
-        """Resample, quantize and encode one segment; its last frame is padded with silence."""
-        pcm = _to_int16(resample(audio24k, MODEL_RATE, self.sample_rate))
-        n_frames = -(-len(pcm) // self.frame_samples)
-        padded = np.zeros(n_frames * self.frame_samples, dtype=np.int16)
-        padded[: len(pcm)] = pcm
-        return [self._frame(chunk) for chunk in padded.reshape(n_frames, self.frame_samples)]
+    def encode(self, audio24k: npt.NDArray[np.float32], *, end_of_segment: bool) -> list[Frame]:
+        """Resample, quantize and encode the next part of the current segment: its whole frames.
+
+        With `end_of_segment` the part is the segment's last (possibly empty): the resampler's tail
+        and a last frame padded with silence go out too, and the next call starts a new segment.
+        """
+        resampled = self._resampler.process(audio24k)
+        if end_of_segment:
+            resampled = np.concatenate([resampled, self._resampler.flush()])
+        fs = self.frame_samples
+        pcm = np.concatenate([self._partial, _to_int16(resampled)])
+        if end_of_segment:
+            pcm = np.pad(pcm, (0, -len(pcm) % fs))  # silence up to the next frame boundary
+        n_frames = len(pcm) // fs
+        self._partial = pcm[n_frames * fs :].copy()
+        self._segment_open = not end_of_segment
+        return [self._frame(chunk) for chunk in pcm[: n_frames * fs].reshape(n_frames, fs)]
+
+    def finish(self) -> list[Frame]:
+        """Frames that complete the stream at the end of the context (may be none).
+
+        The context's last segment must have been ended: its held-back audio would be lost.
+        """
+        if self._segment_open:
+            raise RuntimeError("finish() while a segment is open; end it with end_of_segment=True")
+        return self._tail()
 
     @abc.abstractmethod
-    def finish(self) -> list[Frame]:
-        """Frames that complete the stream at the end of the context (may be none)."""
+    def _tail(self) -> list[Frame]:
+        """What `finish` returns once every segment has been encoded."""
 
     @abc.abstractmethod
     def _frame(self, pcm: npt.NDArray[np.int16]) -> Frame:
@@ -86,7 +109,7 @@ class FrameEncoder(abc.ABC):
 class Pcm16FrameEncoder(FrameEncoder):
     """Raw s16le frames: no codec delay, so nothing to skip and nothing to flush."""
 
-    def finish(self) -> list[Frame]:
+    def _tail(self) -> list[Frame]:
         """PCM has no lookahead to push through."""
         return []
 
@@ -119,7 +142,7 @@ class OpusFrameEncoder(FrameEncoder):
         # libopus reports its lookahead at the encoder's own rate, which is `sample_rate` here.
         self.pre_skip = int(self._encoder.lookahead)
 
-    def finish(self) -> list[Frame]:
+    def _tail(self) -> list[Frame]:
         """Silence frames that push the encoder's lookahead out, so the segment tail is not lost."""
         n_frames = -(-self.pre_skip // self.frame_samples)
         silence = np.zeros(self.frame_samples, dtype=np.int16)

@@ -19,7 +19,7 @@ from speakd.server.audio_encoder import (
     default_opus_bitrate,
     make_encoder,
 )
-from speakd.server.resample import resample
+from speakd.server.resample import StreamingResampler, _design, resample
 
 SRC = 24000
 RATES = sorted(OPUS_RATES)
@@ -157,11 +157,110 @@ def test_resample_rejects_bad_arguments() -> None:
 
 @pytest.mark.parametrize("dst", [8000, 16000, 48000])
 def test_resample_ten_seconds_is_fast(dst: int) -> None:
-    """A per-sample Python loop would take seconds here; the FFT polyphase path takes ~20 ms."""
+    """A per-sample Python loop would take seconds here; the per-tap strided path takes ~10 ms."""
     x = np.random.default_rng(0).uniform(-0.5, 0.5, 10 * SRC).astype(np.float32)
     resample(x, SRC, dst)  # filter design is cached after the first call
     start = time.perf_counter()
     resample(x, SRC, dst)
+    assert time.perf_counter() - start < 0.25
+
+
+@pytest.mark.parametrize("dst", [8000, 12000, 16000, 48000])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50, 997])
+def test_resample_matches_direct_convolution(dst: int, n: int) -> None:
+    """The polyphase bookkeeping against the textbook form: zero-stuff, filter, drop the delay, decimate."""
+    x = np.random.default_rng(n).uniform(-1, 1, n).astype(np.float32)
+    g = math.gcd(SRC, dst)
+    up, down = dst // g, SRC // g
+    polyphase, delay = _design(up, down)
+    h = polyphase.T.reshape(-1).astype(np.float64)  # the prototype filter, zero-padded at the end
+    stuffed = np.zeros(n * up)
+    stuffed[::up] = x
+    filtered = np.pad(np.convolve(stuffed, h), (0, down * n))
+    expected = filtered[delay + down * np.arange(round(n * dst / SRC))]
+    np.testing.assert_allclose(resample(x, SRC, dst), expected, rtol=0, atol=1e-5)
+
+
+# --- streaming resample -----------------------------------------------------------------------
+
+
+def _split(x: F32, rng: np.random.Generator, cuts: int = 12) -> list[F32]:
+    """`x` in random consecutive parts, among them empty and one-sample ones."""
+    at = rng.integers(0, len(x) + 1, cuts)
+    at = np.concatenate([at, at[:3], np.minimum(at[3:6] + 1, len(x))])  # repeats: empty parts
+    return np.split(x, np.sort(at))
+
+
+def _stream(resampler: StreamingResampler, parts: list[F32]) -> F32:
+    return np.concatenate([resampler.process(part) for part in parts] + [resampler.flush()])
+
+
+@pytest.mark.parametrize("dst", RATES)
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_equals_block_for_any_split(dst: int, seed: int) -> None:
+    """Consecutive segments through one resampler: flush must end each one and start the next afresh.
+
+    The contract is 1e-5; by construction (each output summed tap by tap in a fixed order) the
+    streamed segment is the block result bit for bit, which keeps encoder frames split-independent.
+    """
+    rng = np.random.default_rng(seed)
+    resampler = StreamingResampler(SRC, dst)
+    segments = [_speech_like(0.517), rng.uniform(-1, 1, int(rng.integers(0, 4000))).astype(np.float32)]
+    segments += [np.zeros(0, dtype=np.float32), np.ones(1, dtype=np.float32), _tone(300, 0.2)]
+    for segment in segments:
+        out = _stream(resampler, _split(segment, rng))
+        expected = resample(segment, SRC, dst)
+        assert out.dtype == np.float32
+        assert len(out) == len(expected) == round(len(segment) * dst / SRC)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dst", RATES)
+def test_streaming_one_sample_parts(dst: int) -> None:
+    x = _speech_like(0.02)
+    resampler = StreamingResampler(SRC, dst)
+    np.testing.assert_array_equal(_stream(resampler, np.split(x, len(x))), resample(x, SRC, dst))
+    # a lone sample (shorter than one output at 8 kHz) is a segment too, and resets like any other
+    np.testing.assert_array_equal(_stream(resampler, [x[:1]]), resample(x[:1], SRC, dst))
+    np.testing.assert_array_equal(_stream(resampler, [x[:2], x[2:3]]), resample(x[:3], SRC, dst))
+
+
+@pytest.mark.parametrize("dst", [8000, 12000, 16000, 48000])
+def test_streaming_holds_back_only_the_filter_support(dst: int) -> None:
+    """Everything whose filter support has arrived comes out at once: at most 5 ms stays behind."""
+    x = _speech_like(1.0)
+    resampler = StreamingResampler(SRC, dst)
+    received = emitted = 0
+    for part in np.split(x, [1, 100, 5000, 5001, 12000]):
+        emitted += len(resampler.process(part))
+        received += len(part)
+        held = round(received * dst / SRC) - emitted
+        assert 0 <= held <= dst // 200 + 1
+    assert emitted + len(resampler.flush()) == round(len(x) * dst / SRC)
+
+
+def test_streaming_identity_passes_parts_straight_through() -> None:
+    resampler = StreamingResampler(SRC, SRC)
+    x = _speech_like(0.1)
+    for part in _split(x, np.random.default_rng(0)):
+        assert resampler.process(part) is part
+    assert len(resampler.flush()) == 0
+
+
+def test_streaming_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        StreamingResampler(SRC, 0)
+    with pytest.raises(ValueError, match="mono"):
+        StreamingResampler(SRC, 16000).process(np.zeros((2, 10), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dst", [8000, 16000, 48000])
+def test_streaming_ten_seconds_in_five_parts_is_fast(dst: int) -> None:
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, 10 * SRC).astype(np.float32)
+    resampler = StreamingResampler(SRC, dst)
+    start = time.perf_counter()
+    _stream(resampler, np.array_split(x, 5))
     assert time.perf_counter() - start < 0.25
 
 
@@ -189,7 +288,7 @@ def test_opus_round_trip(rate: int, frame_ms: int) -> None:
     fs = encoder.frame_samples
     assert fs == rate * frame_ms // 1000
 
-    body = encoder.encode_segment(x)
+    body = encoder.encode(x, end_of_segment=True)
     tail = encoder.finish()
     reference = resample(x, SRC, rate).astype(np.float64)
     assert len(body) == math.ceil(len(reference) / fs)
@@ -222,7 +321,7 @@ def test_opus_finish_carries_the_lookahead(rate: int, frame_ms: int) -> None:
     """
     x = _speech_like(1.2)  # a whole number of frames at every rate and frame size
     encoder = OpusFrameEncoder(rate, frame_ms, default_opus_bitrate(rate))
-    body = encoder.encode_segment(x)
+    body = encoder.encode(x, end_of_segment=True)
     reference = resample(x, SRC, rate).astype(np.float64)
     assert len(body) * encoder.frame_samples == len(reference)
 
@@ -241,7 +340,7 @@ def test_opus_segments_of_one_context_follow_each_other(rate: int) -> None:
     frames: list[Frame] = []
     expected_pcm: list[F64] = []
     for seg in segments:
-        out = encoder.encode_segment(seg)
+        out = encoder.encode(seg, end_of_segment=True)
         ref = resample(seg, SRC, rate).astype(np.float64)
         assert len(out) == math.ceil(len(ref) / fs)
         frames += out
@@ -255,14 +354,14 @@ def test_opus_segments_of_one_context_follow_each_other(rate: int) -> None:
 
 def test_opus_empty_segment_yields_no_frames() -> None:
     encoder = OpusFrameEncoder(48000, 20, 32000)
-    assert encoder.encode_segment(np.zeros(0, dtype=np.float32)) == []
+    assert encoder.encode(np.zeros(0, dtype=np.float32), end_of_segment=True) == []
 
 
 def test_opus_over_range_input_saturates() -> None:
     """A +-3 full-scale tone must come out as a clipped tone, not as int16 wrap-around noise."""
     x = _tone(300, 0.5, amplitude=3.0)
     encoder = OpusFrameEncoder(16000, 20, 24000)
-    frames = encoder.encode_segment(x) + encoder.finish()
+    frames = encoder.encode(x, end_of_segment=True) + encoder.finish()
     reference = np.clip(resample(x, SRC, 16000), -1, 1).astype(np.float64)
     y = _decode_opus(frames, 16000, encoder.frame_samples)[encoder.pre_skip :][: len(reference)]
     assert np.corrcoef(reference, y)[0, 1] >= 0.9
@@ -289,7 +388,7 @@ def test_pcm16_round_trip(rate: int, frame_ms: int) -> None:
     fs = encoder.frame_samples
     assert encoder.pre_skip == 0
 
-    frames = encoder.encode_segment(x)
+    frames = encoder.encode(x, end_of_segment=True)
     reference = resample(x, SRC, rate).astype(np.float64) * 32767
     assert len(frames) == math.ceil(len(reference) / fs)
     assert all(f.samples == fs and len(f.data) == 2 * fs for f in frames)
@@ -303,7 +402,7 @@ def test_pcm16_round_trip(rate: int, frame_ms: int) -> None:
 
 def test_pcm16_is_little_endian_and_exact_at_model_rate() -> None:
     x = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1 / 32767], dtype=np.float32)
-    frames = Pcm16FrameEncoder(SRC, 10).encode_segment(x)
+    frames = Pcm16FrameEncoder(SRC, 10).encode(x, end_of_segment=True)
     assert len(frames) == 1
     assert struct.unpack("<6h", frames[0].data[:12]) == (0, 16384, -16384, 32767, -32767, 1)
     assert frames[0].data[12:] == bytes(2 * 240 - 12)
@@ -312,7 +411,7 @@ def test_pcm16_is_little_endian_and_exact_at_model_rate() -> None:
 @pytest.mark.parametrize("rate", RATES)
 def test_pcm16_over_range_input_saturates(rate: int) -> None:
     x = np.concatenate([_tone(200, 0.2, amplitude=4.0), np.full(2400, 1.5), np.full(2400, -7.0)])
-    pcm = _decode_pcm(Pcm16FrameEncoder(rate, 20).encode_segment(x.astype(np.float32)))
+    pcm = _decode_pcm(Pcm16FrameEncoder(rate, 20).encode(x.astype(np.float32), end_of_segment=True))
     reference = np.clip(resample(x.astype(np.float32), SRC, rate), -1, 1) * 32767
     assert np.max(np.abs(pcm[: len(reference)] - reference)) <= 1.0
     assert pcm.max() == 32767 and pcm.min() == -32767
@@ -325,3 +424,72 @@ def test_make_encoder_dispatch() -> None:
     assert isinstance(make_encoder("pcm16", 8000, 60, 0), Pcm16FrameEncoder)
     with pytest.raises(ValueError, match="codec"):
         make_encoder("mp3", 24000, 20, 0)
+
+
+# --- segments in parts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("frame_ms", [20, 60])
+@pytest.mark.parametrize("rate", RATES)
+def test_segment_in_parts_encodes_like_the_whole_segment(codec: str, rate: int, frame_ms: int) -> None:
+    """Byte for byte, for every segment of a context and for the tail; parts leave as they come."""
+    rng = np.random.default_rng(rate + frame_ms)
+    whole = make_encoder(codec, rate, frame_ms, 0)
+    in_parts = make_encoder(codec, rate, frame_ms, 0)
+    fs = whole.frame_samples
+    for segment in [_speech_like(1.234), _tone(220, 0.05), _speech_like(0.517)]:
+        expected = whole.encode(segment, end_of_segment=True)
+        frames: list[Frame] = []
+        received = 0
+        parts = _split(segment, rng, cuts=6)
+        for i, part in enumerate(parts):
+            frames += in_parts.encode(part, end_of_segment=i == len(parts) - 1)
+            received += len(part)
+            if i < len(parts) - 1:  # all but the filter's 5 ms and a partial frame are out already
+                assert len(frames) * fs >= round(received * rate / SRC) - rate // 200 - fs
+        assert frames == expected
+    assert in_parts.finish() == whole.finish()
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("rate", [8000, 24000, 48000])
+def test_part_shorter_than_a_frame_waits_for_the_next(codec: str, rate: int) -> None:
+    x = _speech_like(0.3)
+    whole = make_encoder(codec, rate, 20, 0).encode(x, end_of_segment=True)
+    encoder = make_encoder(codec, rate, 20, 0)
+    assert encoder.encode(x[:300], end_of_segment=False) == []  # 12.5 ms: not a whole frame yet
+    assert encoder.encode(x[300:], end_of_segment=True) == whole
+
+
+def test_part_completing_a_frame_releases_it_at_once() -> None:
+    """At the model rate nothing is held but the partial frame: sample 480 completes frame one."""
+    x = _speech_like(0.1)
+    encoder = Pcm16FrameEncoder(SRC, 20)
+    assert encoder.encode(x[:479], end_of_segment=False) == []
+    [frame] = encoder.encode(x[479:480], end_of_segment=False)
+    np.testing.assert_array_equal(_decode_pcm([frame]), np.rint(x[:480] * 32767).astype(np.int16))
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("rate", RATES)
+def test_empty_last_part_ends_the_segment(codec: str, rate: int) -> None:
+    x = _speech_like(0.517)
+    reference = make_encoder(codec, rate, 20, 0)
+    encoder = make_encoder(codec, rate, 20, 0)
+    head = encoder.encode(x, end_of_segment=False)
+    tail = encoder.encode(np.zeros(0, dtype=np.float32), end_of_segment=True)
+    assert len(tail) >= 1  # the resampler's held-back samples and the padded partial frame
+    assert head + tail == reference.encode(x, end_of_segment=True)
+    assert encoder.finish() == reference.finish()
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+def test_finish_refuses_an_open_segment(codec: str) -> None:
+    """Its held-back tail would be lost without a word."""
+    encoder = make_encoder(codec, 16000, 20, 0)
+    encoder.encode(_speech_like(0.1), end_of_segment=False)
+    with pytest.raises(RuntimeError, match="open"):
+        encoder.finish()
+    encoder.encode(np.zeros(0, dtype=np.float32), end_of_segment=True)
+    encoder.finish()
