@@ -60,7 +60,7 @@ class _Context:
     segments: int = 0
     samples: int = 0
     seq: int = 0
-    last_segment: int = 0
+    last_segment: int = -1
     first_submit_at: float | None = None
     audio_started: bool = False
 
@@ -298,13 +298,15 @@ class Connection:
         if not ctx.audio_started and ctx.first_submit_at is not None:
             ctx.audio_started = True
             self._metrics.time_to_first_audio.observe(time.perf_counter() - ctx.first_submit_at)
-        name = job.context
-        self._send(
-            job, Segment(context=name, segment=segment.index, text=segment.text, start_ms=ctx.audio_ms)
-        )
-        ctx.last_segment = segment.index
-        ctx.segments += 1
-        self._metrics.segments.inc()
+        if segment.index != ctx.last_segment:
+            # A segment vocoded in windows arrives in parts: announce it before its first frame only.
+            name = job.context
+            self._send(
+                job, Segment(context=name, segment=segment.index, text=segment.text, start_ms=ctx.audio_ms)
+            )
+            ctx.last_segment = segment.index
+            ctx.segments += 1
+            self._metrics.segments.inc()
         self._send_frames(ctx, segment.frames)
 
     def finish(self, job: Job, tail: Sequence[Frame]) -> None:
@@ -385,7 +387,10 @@ class Connection:
             await self._outbound.ready.wait()
             data = self._outbound.pop()
             try:
-                await asyncio.wait_for(self._ws.send_bytes(data), self._limits.send_timeout_s)
+                # Not wait_for: on Python 3.11 it swallows a cancel that lands as the send completes,
+                # and `serve` would then wait for this task forever.
+                async with asyncio.timeout(self._limits.send_timeout_s):
+                    await self._ws.send_bytes(data)
             except TimeoutError:
                 logger.warning("send stalled for %.1f s; closing the connection", self._limits.send_timeout_s)
                 await self._abort()

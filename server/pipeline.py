@@ -20,14 +20,19 @@ import numpy as np
 import numpy.typing as npt
 
 from .audio_encoder import Frame, FrameEncoder
-from .engine import AcousticFeatures, AcousticRequest, Engine
+from .engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest, Engine
 from .errors import SynthesisError
 from .fair_queue import FairQueue
 from .g2p import EnglishG2P
 from .metrics import SpeakdMetrics
 from .voices import VoiceBank
+from .windows import Stitcher, Window, plan_windows
 
 logger = logging.getLogger(__name__)
+
+SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
+RTF_SMOOTHING = 0.2  # weight of the newest vocoder speed measurement
+INITIAL_VOCODER_RTF = 0.4  # what the ONNX vocoder does on 2 CPU cores, until measured here
 
 
 class JobSink(Protocol):
@@ -85,10 +90,14 @@ class PhonemesItem:
 
 @dataclass(slots=True)
 class FeaturesItem:
+    """One window of a segment to vocode; the windows of a segment share one stitcher."""
+
     job: Job
     index: int
     text: str
     features: AcousticFeatures
+    window: Window
+    stitcher: Stitcher
 
 
 @dataclass(slots=True)
@@ -97,10 +106,13 @@ class WaveformItem:
     index: int
     text: str
     audio: npt.NDArray[np.float32]
+    last_part: bool
 
 
 @dataclass(slots=True)
 class EncodedSegment:
+    """Frames of one segment, or of one part of it when it was vocoded in windows."""
+
     job: Job
     index: int
     text: str
@@ -214,6 +226,8 @@ class Pipeline:
         self._g2p = g2p
         self._engine = engine
         self._voices = voices
+        # Written by the vocoder thread, read by the acoustic thread to size first windows.
+        self._vocoder_rtf = INITIAL_VOCODER_RTF
         # Text waiting for G2P is bounded per context by the connection's text budget, not here.
         self._text_queue: FairQueue[TextItem | EndMarker] = FairQueue(None)
         self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(queue_size)
@@ -281,6 +295,9 @@ class Pipeline:
     def _forward(queue: FairQueue[In | EndMarker]) -> Callable[[In | EndMarker], Awaitable[None]]:
         async def emit(item: In | EndMarker) -> None:
             await queue.put(item.job, item, urgent=_is_urgent(item))
+            if item.job.cancelled:
+                # Cancelled while this stage waited for room: take it back out, as `cancel` did the rest.
+                queue.discard(item.job)
 
         return emit
 
@@ -313,23 +330,41 @@ class Pipeline:
             AcousticRequest(item.tokens, self._voices.style(item.job.voice, len(item.tokens)), item.job.speed)
             for item in items
         ]
-        features = self._engine.acoustic(requests)
-        return [
-            FeaturesItem(item.job, item.index, item.text, feats)
-            for item, feats in zip(items, features, strict=True)
-        ]
+        out: list[FeaturesItem] = []
+        for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
+            # Only a context's first segment is worth splitting: later ones render while earlier
+            # audio plays.
+            windows = plan_windows(feats, progressive=item.index == 0, vocoder_rtf=self._vocoder_rtf)
+            stitcher = Stitcher()
+            out.extend(FeaturesItem(item.job, item.index, item.text, feats, w, stitcher) for w in windows)
+        return out
 
     def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem]:
-        audio = self._engine.vocode([item.features for item in items])
+        started = time.perf_counter()
+        rendered = self._engine.vocode([item.window.slice(item.features) for item in items])
+        frames = sum(item.window.render_end - item.window.render_start for item in items)
+        rtf = (time.perf_counter() - started) / max(frames * SECONDS_PER_FRAME, 1e-3)
+        self._vocoder_rtf += RTF_SMOOTHING * (rtf - self._vocoder_rtf)
         return [
-            WaveformItem(item.job, item.index, item.text, wave)
-            for item, wave in zip(items, audio, strict=True)
+            WaveformItem(
+                item.job,
+                item.index,
+                item.text,
+                item.stitcher.add(item.window, wave),
+                last_part=item.window.last,
+            )
+            for item, wave in zip(items, rendered, strict=True)
         ]
 
     @staticmethod
     def _encode(items: list[WaveformItem]) -> list[EncodedSegment]:
         return [
-            EncodedSegment(item.job, item.index, item.text, item.job.encoder.encode_segment(item.audio))
+            EncodedSegment(
+                item.job,
+                item.index,
+                item.text,
+                item.job.encoder.encode(item.audio, end_of_segment=item.last_part),
+            )
             for item in items
         ]
 

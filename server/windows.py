@@ -1,0 +1,131 @@
+"""Vocoding a context's first segment in two windows, so its first audio leaves early, gap-free.
+
+The vocoder costs about 0.3 s per second of audio on a 2-core CPU, so a 2 s first sentence would
+keep a listener waiting 600 ms. Rendered as two consecutive windows, the first audio leaves after
+the first, short window; the first window is made just long enough that, at the vocoder's measured
+speed, the second window is rendered before the first has finished playing, so no gap follows.
+Each window is rendered with CONTEXT_FRAMES of features beyond its edges (none before the segment's
+start) so its convolutions see what a whole render sees, and the two are joined with a short
+crossfade at an unvoiced frame when one is near: the harmonic source's phase restarts in each
+window, which is inaudible where that source is silent. More, smaller windows do not pay on a CPU:
+every window re-renders 2 x CONTEXT_FRAMES, which at this speed costs as much as it gains.
+
+The leading pause Kokoro puts before every utterance (~0.5 s of near-silence, the BOS token's
+duration) is trimmed to LEAD_KEEP_FRAMES in every segment: rendering it costs time and delays the
+first word. (Measured on 30 held-out sentences: Whisper word error rate unchanged.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .engine import SAMPLES_PER_FRAME, AcousticFeatures
+
+CONTEXT_FRAMES = 12
+LEAD_KEEP_FRAMES = 4
+MIN_FIRST_FRAMES = 12  # 0.3 s
+PREBUFFER_FRAMES = 4  # the 100 ms a client buffers before it starts playing
+MIN_RTF = 0.05
+RTF_MARGIN = 1.25
+CROSSFADE_SAMPLES = 240  # 10 ms at 24 kHz; must stay well inside the context
+UNVOICED_HZ = 30.0
+SEAM_SEARCH_FRAMES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Frames [start, end) of a segment are emitted from a render of [render_start, render_end)."""
+
+    start: int
+    end: int
+    render_start: int
+    render_end: int
+    last: bool
+
+    def slice(self, features: AcousticFeatures) -> AcousticFeatures:
+        """The features this window's render needs (views, no copies)."""
+        a, b = self.render_start, self.render_end
+        return AcousticFeatures(
+            asr=features.asr[:, :, a:b],
+            f0=features.f0[:, 2 * a : 2 * b],
+            energy=features.energy[:, 2 * a : 2 * b],
+            style=features.style,
+            durations=features.durations,
+        )
+
+
+def _unvoiced(f0: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """Per acoustic frame: is the F0 curve (two points per frame) below the voicing floor?"""
+    points = f0.reshape(-1)
+    return np.asarray((points[0::2] < UNVOICED_HZ) & (points[1::2] < UNVOICED_HZ))
+
+
+def _seam(target: int, unvoiced: npt.NDArray[np.bool_], low: int, high: int) -> int:
+    """The unvoiced frame nearest `target` within SEAM_SEARCH_FRAMES, else `target` itself."""
+    for offset in range(SEAM_SEARCH_FRAMES + 1):
+        for frame in (target - offset, target + offset):
+            if low < frame < high and unvoiced[frame]:
+                return frame
+    return target
+
+
+def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder_rtf: float) -> list[Window]:
+    """One window after the trimmed lead; two if `progressive` and the split pays.
+
+    `vocoder_rtf` is the vocoder's seconds of work per second of audio (measured by the pipeline);
+    the first window is sized so that the second one's render fits in the first one's playback
+    plus the client's pre-buffer.
+    """
+    total = features.frames
+    lead = int(features.durations[0]) if features.durations.size else 0
+    start = max(0, min(lead - LEAD_KEEP_FRAMES, total - 1))
+    frames = total - start
+    if progressive:
+        rtf = max(vocoder_rtf, MIN_RTF) * RTF_MARGIN
+        first = math.ceil(((frames + CONTEXT_FRAMES) * rtf - PREBUFFER_FRAMES) / (1.0 + rtf))
+        first = max(first, MIN_FIRST_FRAMES)
+        if frames - first >= MIN_FIRST_FRAMES:
+            seam = _seam(start + first, _unvoiced(features.f0), start + MIN_FIRST_FRAMES // 2, total - 1)
+            return [
+                Window(start, seam, start, min(total, seam + CONTEXT_FRAMES), last=False),
+                Window(seam, total, max(start, seam - CONTEXT_FRAMES), total, last=True),
+            ]
+    return [Window(start, total, max(0, start - CONTEXT_FRAMES), total, last=True)]
+
+
+class Stitcher:
+    """Joins the renders of one segment's windows into one continuous waveform, window by window."""
+
+    def __init__(self) -> None:
+        self._held: npt.NDArray[np.float32] | None = None
+        ramp = (np.arange(CROSSFADE_SAMPLES, dtype=np.float32) + 0.5) / CROSSFADE_SAMPLES
+        self._fade_in = np.sin(0.5 * np.pi * ramp).astype(np.float32) ** 2
+        self._fade_out = 1.0 - self._fade_in
+
+    def add(self, window: Window, rendered: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The samples of `window` that can be played now (the seam's crossfade waits for the next)."""
+        half = CROSSFADE_SAMPLES // 2
+        begin = (window.start - window.render_start) * SAMPLES_PER_FRAME
+        finish = (window.end - window.render_start) * SAMPLES_PER_FRAME
+        parts: list[npt.NDArray[np.float32]] = []
+        if self._held is not None:
+            head = rendered[begin - half : begin + half]
+            parts.append(self._held * self._fade_out + head * self._fade_in)
+            begin += half
+            self._held = None
+        if window.last:
+            parts.append(rendered[begin:finish])
+        else:
+            parts.append(rendered[begin : finish - half])
+            self._held = rendered[finish - half : finish + half].copy()
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def expected_samples(windows: Sequence[Window]) -> int:
+    """Samples a segment's windows emit in all: every planned frame, once."""
+    return (windows[-1].end - windows[0].start) * SAMPLES_PER_FRAME
