@@ -49,7 +49,7 @@ async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
         engine=speech.engine,
         voices=speech.voices,
         metrics=app[METRICS],
-        queue_size=config.pipeline.stage_queue_size,
+        lane_limit=config.pipeline.max_queued_per_context,
     )
     await pipeline.start()
     app[METRICS].ready.set(1)

@@ -64,7 +64,7 @@ class ModelSection:
 class PipelineSection:
     """Queue bounds and segmentation knobs trading first-audio latency against prosody."""
 
-    stage_queue_size: int = 32
+    max_queued_per_context: int = 4
     first_clause_min_words: int = 4
     max_segment_chars: int = 300
 
@@ -134,7 +134,7 @@ _RULES: dict[str, _Rule] = {
     "model.engine": (lambda v: v in ENGINES, f"one of {', '.join(map(repr, sorted(ENGINES)))}"),
     "model.default_voice": (_non_empty, "a non-empty string"),
     "model.threads": (_non_negative, "at least 0 (0 = all cores)"),
-    "pipeline.stage_queue_size": _POSITIVE,
+    "pipeline.max_queued_per_context": _POSITIVE,
     "pipeline.first_clause_min_words": (_non_negative, "at least 0"),
     "pipeline.max_segment_chars": _POSITIVE,
     "audio.opus_bitrate": (

@@ -1,56 +1,76 @@
-"""A bounded queue that serves contexts in turn, so one long reader never starves a new listener."""
+"""Per-context queues between stages, served in turn, so one long reader never starves a new listener."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class FairQueue(Generic[T]):
-    """Per-owner FIFO lanes served round-robin; urgent items (a context's first audio) go first.
+    """Per-owner FIFO lanes served round-robin, a lane whose head is urgent first, each lane bounded.
 
-    Order within one owner is always kept. `discard` drops an owner's queued items at once, which
-    is how a cancel reaches work that has not started yet. Waiting follows asyncio.Queue: futures
-    woken synchronously, so `discard` and `put_nowait` can be called from plain callbacks.
+    Order within one owner is always kept. Lanes, not the queue, are bounded: a stage takes work
+    only for owners whose lane in the next queue has room (`get_batch(eligible=...)`), so it never
+    blocks holding one context's item while another context's first segment waits behind it, and
+    a long reader runs at most `lane_limit` items ahead per stage. `discard` drops an owner's
+    queued items at once, which is how a cancel reaches work that has not started yet.
     """
 
-    def __init__(self, maxsize: int | None) -> None:
-        self._maxsize = maxsize
+    def __init__(self, lane_limit: int | None) -> None:
+        self._lane_limit = lane_limit
         self._lanes: dict[Hashable, deque[tuple[T, bool]]] = {}
         self._turns: deque[Hashable] = deque()
         self._size = 0
         self._getters: deque[asyncio.Future[None]] = deque()
-        self._putters: deque[asyncio.Future[None]] = deque()
+        self._on_take: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return self._size
 
-    def full(self) -> bool:
-        return self._maxsize is not None and self._size >= self._maxsize
+    def has_room(self, owner: Hashable) -> bool:
+        """Whether `owner` may send another item; unbounded queues always have room."""
+        lane = self._lanes.get(owner)
+        return self._lane_limit is None or lane is None or len(lane) < self._lane_limit
 
-    async def put(self, owner: Hashable, item: T, *, urgent: bool = False) -> None:
-        """Append to the owner's lane, waiting while the queue is full (back-pressure)."""
-        while self.full():
-            await self._wait(self._putters)
-        self._append(owner, item, urgent)
+    def on_take(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever items leave (taken or discarded): room may have opened upstream."""
+        self._on_take.append(callback)
 
     def put_nowait(self, owner: Hashable, item: T, *, urgent: bool = False) -> None:
-        """Append without waiting; for queues whose growth is bounded by the caller."""
-        if self.full():
-            raise asyncio.QueueFull
-        self._append(owner, item, urgent)
+        """Append; never waits. Callers check `has_room` first (one item may expand into a few)."""
+        lane = self._lanes.get(owner)
+        if lane is None:
+            lane = self._lanes[owner] = deque()
+            self._turns.append(owner)
+        lane.append((item, urgent))
+        self._size += 1
+        self.poke()
 
-    async def get_batch(self, max_items: int) -> list[T]:
-        """Wait for at least one item, then take up to `max_items` in serving order."""
-        while not self._size:
-            await self._wait(self._getters)
-        batch = [self._pop() for _ in range(min(max_items, self._size))]
-        self._wake_one(self._putters)
-        return batch
+    async def get_batch(self, max_items: int, eligible: Callable[[Hashable], bool] | None = None) -> list[T]:
+        """Wait for items of eligible owners, then take up to `max_items` in serving order."""
+        while True:
+            batch = self._take(max_items, eligible)
+            if batch:
+                self._taken()
+                return batch
+            waiter = asyncio.get_running_loop().create_future()
+            self._getters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._getters:
+                    self._getters.remove(waiter)
+
+    def poke(self) -> None:
+        """Wake waiting getters to look again (new items, or room opened downstream)."""
+        while self._getters:
+            waiter = self._getters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     def discard(self, owner: Hashable) -> int:
         """Drop everything queued for `owner`; returns how many items went."""
@@ -59,21 +79,20 @@ class FairQueue(Generic[T]):
             return 0
         self._turns.remove(owner)
         self._size -= len(lane)
-        for _ in lane:
-            self._wake_one(self._putters)
+        self._taken()
         return len(lane)
 
-    def _append(self, owner: Hashable, item: T, urgent: bool) -> None:
-        lane = self._lanes.get(owner)
-        if lane is None:
-            lane = self._lanes[owner] = deque()
-            self._turns.append(owner)
-        lane.append((item, urgent))
-        self._size += 1
-        self._wake_one(self._getters)
+    def _take(self, max_items: int, eligible: Callable[[Hashable], bool] | None) -> list[T]:
+        batch: list[T] = []
+        while len(batch) < max_items:
+            candidates = [o for o in self._turns if eligible is None or eligible(o)]
+            if not candidates:
+                break
+            owner = next((o for o in candidates if self._lanes[o][0][1]), candidates[0])
+            batch.append(self._pop(owner))
+        return batch
 
-    def _pop(self) -> T:
-        owner = next((o for o in self._turns if self._lanes[o][0][1]), self._turns[0])
+    def _pop(self, owner: Hashable) -> T:
         self._turns.remove(owner)
         lane = self._lanes[owner]
         item, _ = lane.popleft()
@@ -84,23 +103,6 @@ class FairQueue(Generic[T]):
             del self._lanes[owner]
         return item
 
-    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter in waiters:
-                waiters.remove(waiter)
-            elif not waiter.cancelled():
-                # Woken, then cancelled before running: pass the wake-up on, as asyncio.Queue does.
-                self._wake_one(waiters)
-            raise
-
-    @staticmethod
-    def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _taken(self) -> None:
+        for callback in self._on_take:
+            callback()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -141,14 +141,18 @@ def _is_urgent(item: Item) -> bool:
 
 
 class Stage(Generic[In, Out]):
-    """One worker task pulling batches from `inbox`, computing in its own thread, pushing onward."""
+    """One worker task pulling batches from `inbox`, computing in its own thread, pushing onward.
+
+    It takes only items whose context has room in `outbox`, so pushing never waits.
+    """
 
     def __init__(
         self,
         name: str,
         work: Callable[[list[In]], list[Out]],
         inbox: FairQueue[In | EndMarker],
-        emit: Callable[[Out | EndMarker], Awaitable[None]],
+        outbox: FairQueue[Out | EndMarker] | None,
+        emit: Callable[[Out | EndMarker], None],
         *,
         max_batch: int,
         metrics: SpeakdMetrics,
@@ -157,6 +161,9 @@ class Stage(Generic[In, Out]):
     ) -> None:
         self.name = name
         self.inbox = inbox
+        self._eligible = outbox.has_room if outbox is not None else None
+        if outbox is not None:
+            outbox.on_take(inbox.poke)
         self._work = work
         self._emit = emit
         self._max_batch = max_batch
@@ -168,7 +175,8 @@ class Stage(Generic[In, Out]):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [item for item in await self.inbox.get_batch(self._max_batch) if not item.job.cancelled]
+            taken = await self.inbox.get_batch(self._max_batch, self._eligible)
+            batch = [item for item in taken if not item.job.cancelled]
             work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
             outputs: list[Out | EndMarker] = []
             if work:
@@ -183,7 +191,7 @@ class Stage(Generic[In, Out]):
                     outputs.append(marker)
             for output in outputs:
                 if not output.job.cancelled:
-                    await self._emit(output)
+                    self._emit(output)
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out]:
         started = time.perf_counter()
@@ -220,7 +228,7 @@ class Pipeline:
         engine: Engine,
         voices: VoiceBank,
         metrics: SpeakdMetrics,
-        queue_size: int,
+        lane_limit: int,
         max_batch: int = 1,
     ) -> None:
         self._g2p = g2p
@@ -228,17 +236,19 @@ class Pipeline:
         self._voices = voices
         # Written by the vocoder thread, read by the acoustic thread to size first windows.
         self._vocoder_rtf = INITIAL_VOCODER_RTF
-        # Text waiting for G2P is bounded per context by the connection's text budget, not here.
+        # Text waiting for G2P is bounded per context by the connection's text budget; the other
+        # queues hold at most `lane_limit` items per context (a few more where one item expands).
         self._text_queue: FairQueue[TextItem | EndMarker] = FairQueue(None)
-        self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(queue_size)
-        self._feature_queue: FairQueue[FeaturesItem | EndMarker] = FairQueue(queue_size)
-        self._waveform_queue: FairQueue[WaveformItem | EndMarker] = FairQueue(queue_size)
+        self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(lane_limit)
+        self._feature_queue: FairQueue[FeaturesItem | EndMarker] = FairQueue(lane_limit)
+        self._waveform_queue: FairQueue[WaveformItem | EndMarker] = FairQueue(lane_limit)
 
         def stage(
             name: str,
             work: Callable[[list[In]], list[Out]],
             inbox: FairQueue[In | EndMarker],
-            emit: Callable[[Out | EndMarker], Awaitable[None]],
+            outbox: FairQueue[Out | EndMarker] | None,
+            emit: Callable[[Out | EndMarker], None],
             finish: Callable[[EndMarker], EndMarker] | None = None,
         ) -> Stage[In, Out]:
             depth = metrics.stage_queue_depth.labels(stage=name)
@@ -247,6 +257,7 @@ class Pipeline:
                 name,
                 work,
                 inbox,
+                outbox,
                 emit,
                 max_batch=max_batch,
                 metrics=metrics,
@@ -255,10 +266,10 @@ class Pipeline:
             )
 
         self._stages: list[Stage[Any, Any]] = [
-            stage("g2p", self._phonemize, self._text_queue, self._forward(self._phoneme_queue)),
-            stage("acoustic", self._acoustic, self._phoneme_queue, self._forward(self._feature_queue)),
-            stage("vocoder", self._vocode, self._feature_queue, self._forward(self._waveform_queue)),
-            stage("encoder", self._encode, self._waveform_queue, self._deliver, finish=self._encode_tail),
+            stage("g2p", self._phonemize, self._text_queue, *self._into(self._phoneme_queue)),
+            stage("acoustic", self._acoustic, self._phoneme_queue, *self._into(self._feature_queue)),
+            stage("vocoder", self._vocode, self._feature_queue, *self._into(self._waveform_queue)),
+            stage("encoder", self._encode, self._waveform_queue, None, self._deliver, self._encode_tail),
         ]
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -292,17 +303,18 @@ class Pipeline:
     # -- wiring --------------------------------------------------------------------------------
 
     @staticmethod
-    def _forward(queue: FairQueue[In | EndMarker]) -> Callable[[In | EndMarker], Awaitable[None]]:
-        async def emit(item: In | EndMarker) -> None:
-            await queue.put(item.job, item, urgent=_is_urgent(item))
-            if item.job.cancelled:
-                # Cancelled while this stage waited for room: take it back out, as `cancel` did the rest.
-                queue.discard(item.job)
+    def _into(
+        queue: FairQueue[In | EndMarker],
+    ) -> tuple[FairQueue[In | EndMarker], Callable[[In | EndMarker], None]]:
+        """A queue and the function that feeds it, for a stage's outbox and emit."""
 
-        return emit
+        def emit(item: In | EndMarker) -> None:
+            queue.put_nowait(item.job, item, urgent=_is_urgent(item))
+
+        return queue, emit
 
     @staticmethod
-    async def _deliver(item: EncodedSegment | EndMarker) -> None:
+    def _deliver(item: EncodedSegment | EndMarker) -> None:
         if isinstance(item, EndMarker):
             item.job.sink.finish(item.job, item.tail)
         else:

@@ -59,7 +59,7 @@ def test_defaults_without_file() -> None:
     )
     assert config.model == ModelSection(engine="onnx", cache_dir="", default_voice="jf_gongitsune", threads=0)
     assert config.pipeline == PipelineSection(
-        stage_queue_size=32, first_clause_min_words=4, max_segment_chars=300
+        max_queued_per_context=4, first_clause_min_words=4, max_segment_chars=300
     )
     assert config.audio == AudioSection(opus_bitrate=0, opus_complexity=5)
 
@@ -121,9 +121,9 @@ def test_overrides_win_over_file_and_none_means_not_given(tmp_path: Path) -> Non
 
 
 def test_overrides_without_file() -> None:
-    config = load_config(None, {"model.default_voice": "af_heart", "pipeline.stage_queue_size": 4})
+    config = load_config(None, {"model.default_voice": "af_heart", "pipeline.max_queued_per_context": 4})
     assert config.model.default_voice == "af_heart"
-    assert config.pipeline.stage_queue_size == 4
+    assert config.pipeline.max_queued_per_context == 4
     assert config.server == ServerSection()
 
 
@@ -264,7 +264,7 @@ def test_int_accepted_for_float_override() -> None:
         ("model.engine", "torch", "onnx"),
         ("model.default_voice", "", "af_heart"),
         ("model.threads", -1, 0),
-        ("pipeline.stage_queue_size", 0, 1),
+        ("pipeline.max_queued_per_context", 0, 1),
         ("pipeline.first_clause_min_words", -1, 0),
         ("pipeline.max_segment_chars", 0, 1),
         ("audio.opus_bitrate", 5999, 6000),

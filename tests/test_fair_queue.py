@@ -1,10 +1,8 @@
-"""FairQueue: per-owner order, round-robin between owners, urgent first, bounded, discard."""
+"""FairQueue: per-owner order, turns between owners, urgent first, lanes bounded, eligibility, discard."""
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from speakd.server.fair_queue import FairQueue
 
@@ -25,12 +23,12 @@ async def test_owners_take_turns_and_keep_their_order() -> None:
     assert await drain(queue) == ["a0", "b0", "a1", "b1", "a2"]
 
 
-async def test_urgent_item_jumps_ahead_of_long_reader() -> None:
+async def test_urgent_head_jumps_ahead_of_long_reader() -> None:
     queue: FairQueue[str] = FairQueue(None)
     for i in range(5):
         queue.put_nowait("long", f"l{i}")
     queue.put_nowait("new", "first", urgent=True)
-    assert (await queue.get_batch(1)) == ["first"]
+    assert await queue.get_batch(1) == ["first"]
 
 
 async def test_batch_takes_up_to_max_items() -> None:
@@ -41,31 +39,43 @@ async def test_batch_takes_up_to_max_items() -> None:
     assert len(queue) == 2
 
 
-async def test_put_waits_while_full_and_resumes_after_get() -> None:
+async def test_lanes_are_bounded_per_owner() -> None:
     queue: FairQueue[str] = FairQueue(2)
-    await queue.put("a", "1")
-    await queue.put("a", "2")
-    blocked = asyncio.create_task(queue.put("a", "3"))
-    await asyncio.sleep(0.01)
-    assert not blocked.done()
-    with pytest.raises(asyncio.QueueFull):
-        queue.put_nowait("a", "x")
-    assert await queue.get_batch(1) == ["1"]
-    await asyncio.wait_for(blocked, 1)
-    assert await drain(queue) == ["2", "3"]
+    queue.put_nowait("a", "a0")
+    assert queue.has_room("a")
+    queue.put_nowait("a", "a1")
+    assert not queue.has_room("a")
+    assert queue.has_room("b")  # another context is not held back by a's full lane
+    await queue.get_batch(1)
+    assert queue.has_room("a")
 
 
-async def test_discard_drops_only_that_owner_and_frees_room() -> None:
-    queue: FairQueue[str] = FairQueue(3)
-    await queue.put("a", "a0")
-    await queue.put("b", "b0")
-    await queue.put("a", "a1")
-    blocked = asyncio.create_task(queue.put("c", "c0"))
+async def test_only_eligible_owners_are_taken_and_a_poke_rechecks() -> None:
+    queue: FairQueue[str] = FairQueue(None)
+    queue.put_nowait("blocked", "x")
+    queue.put_nowait("free", "y")
+    allowed = {"free"}
+    assert await queue.get_batch(5, allowed.__contains__) == ["y"]
+    waiting = asyncio.create_task(queue.get_batch(1, allowed.__contains__))
     await asyncio.sleep(0.01)
-    assert queue.discard("a") == 2
-    await asyncio.wait_for(blocked, 1)
-    assert await drain(queue) == ["b0", "c0"]
+    assert not waiting.done()
+    allowed.add("blocked")
+    queue.poke()
+    assert await asyncio.wait_for(waiting, 1) == ["x"]
+
+
+async def test_taking_and_discarding_notify_upstream() -> None:
+    queue: FairQueue[str] = FairQueue(4)
+    calls: list[int] = []
+    queue.on_take(lambda: calls.append(len(queue)))
+    queue.put_nowait("a", "a0")
+    queue.put_nowait("b", "b0")
+    queue.put_nowait("a", "a1")
+    await queue.get_batch(1)
+    assert queue.discard("a") == 1
     assert queue.discard("nobody") == 0
+    assert calls == [2, 1]
+    assert await drain(queue) == ["b0"]
 
 
 async def test_getter_wakes_on_put_and_cancelled_getter_loses_nothing() -> None:
