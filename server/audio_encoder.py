@@ -153,11 +153,13 @@ class OpusFrameEncoder(FrameEncoder):
         return Frame(packet, self.frame_samples)
 
 
-def make_encoder(codec: str, sample_rate: int, frame_ms: int, opus_bitrate: int) -> FrameEncoder:
+def make_encoder(
+    codec: str, sample_rate: int, frame_ms: int, opus_bitrate: int, opus_complexity: int = 5
+) -> FrameEncoder:
     """Encoder for one context; an `opus_bitrate` of 0 means `default_opus_bitrate(sample_rate)`."""
     if codec == "opus":
         bitrate = opus_bitrate or default_opus_bitrate(sample_rate)
-        return OpusFrameEncoder(sample_rate, frame_ms, bitrate)
+        return OpusFrameEncoder(sample_rate, frame_ms, bitrate, opus_complexity)
     if codec == "pcm16":
         return Pcm16FrameEncoder(sample_rate, frame_ms)
     raise ValueError(f"unknown codec {codec!r}; expected 'opus' or 'pcm16'")

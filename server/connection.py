@@ -37,7 +37,7 @@ from speakd.protocol import (
     text_frame_error,
 )
 
-from .audio_encoder import Frame, default_opus_bitrate, make_encoder
+from .audio_encoder import Frame, make_encoder
 from .config import Config
 from .errors import SynthesisError
 from .g2p import LANGUAGES
@@ -127,6 +127,7 @@ class Connection:
         self._contexts: dict[str, _Context] = {}
         self._outbound = _Outbound()
         self._closing = False
+        self._aborting: asyncio.Task[None] | None = None
         self._all_done = asyncio.Event()
         self._all_done.set()
 
@@ -240,8 +241,10 @@ class Connection:
                 f"lang {msg.lang!r} is not supported; use one of {', '.join(LANGUAGES)}",
                 name,
             )
-        bitrate = self._config.audio.opus_bitrate or default_opus_bitrate(msg.sample_rate)
-        encoder = make_encoder(msg.codec, msg.sample_rate, msg.frame_ms, bitrate)
+        audio = self._config.audio
+        encoder = make_encoder(
+            msg.codec, msg.sample_rate, msg.frame_ms, audio.opus_bitrate, audio.opus_complexity
+        )
         job = Job(context=name, voice=voice, lang=msg.lang, speed=msg.speed, encoder=encoder, sink=self)
         pipeline_cfg = self._config.pipeline
         segmenter = Segmenter(
@@ -365,8 +368,15 @@ class Connection:
         if owner is not None and owner.cancelled:
             return False
         data = encode(msg)
-        if owner is not None and self._outbound.size + len(data) > self._limits.max_outbound_bytes:
+        limit = self._limits.max_outbound_bytes
+        if owner is not None and self._outbound.size + len(data) > limit:
             self._overload()
+            return False
+        if owner is None and self._outbound.size + len(data) > 2 * limit:
+            # A client that keeps sending but never reads: even its error replies must stay bounded.
+            if self._aborting is None:
+                logger.warning("client not reading its replies; closing the connection")
+                self._aborting = asyncio.create_task(self._abort())
             return False
         self._outbound.push(owner, owner is not None, data)
         return True

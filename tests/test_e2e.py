@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,3 +241,70 @@ async def test_non_reading_client_is_overloaded_without_hurting_others(daemon: D
     assert [e.code for e in hog.errors] == [ErrorCode.OVERLOADED]
     assert hog.done is not None and hog.done.reason is DoneReason.ERROR
     assert len(hog.audio) * 960 * 2 < 1_000_000 + 8 * 1024 * 1024  # bounded, not the whole text
+
+
+# -- the sample client, `speakd-say`, against the real daemon ---------------------------------------
+
+SAY = [sys.executable, "-c", "import sys; from speakd.client.cli import main; sys.exit(main())"]
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth()) == (1, 2)
+        return np.frombuffer(wav.readframes(wav.getnframes()), np.int16), wav.getframerate()
+
+
+def test_say_writes_an_intelligible_wav(daemon: Daemon, tmp_path: Path) -> None:
+    out = tmp_path / "say.wav"
+    text = " ".join(SENTENCES[4:6])
+    result = subprocess.run(
+        [*SAY, text, "--url", daemon.url, "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "time to first audio" in result.stderr and "real-time factor" in result.stderr
+    pcm, rate = read_wav(out)
+    errors, total = word_errors(text, transcribe(pcm, rate))
+    assert errors / total <= 0.2
+
+
+def test_say_streams_stdin_as_it_arrives(daemon: Daemon, tmp_path: Path) -> None:
+    out = tmp_path / "pipe.wav"
+    proc = subprocess.Popen(
+        [*SAY, "-", "--url", daemon.url, "--out", str(out), "--quiet"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(SENTENCES[1] + " ")
+    proc.stdin.flush()
+    # Speech for the first sentence is written while the pipe is still open (an LLM still writing).
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size > 44 + 24000):
+        assert time.monotonic() < deadline, "no audio before stdin closed"
+        assert proc.poll() is None
+        time.sleep(0.1)
+    proc.stdin.write(SENTENCES[2] + "\n")
+    proc.stdin.close()
+    assert proc.wait(120) == 0
+    pcm, rate = read_wav(out)
+    text = SENTENCES[1] + " " + SENTENCES[2]
+    errors, total = word_errors(text, transcribe(pcm, rate))
+    assert errors / total <= 0.2
+
+
+def has_output_device() -> bool:
+    try:
+        import sounddevice
+
+        sounddevice.query_devices(kind="output")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(has_output_device(), reason="this machine can play audio; the no-device path is moot")
+def test_say_without_an_audio_device_says_so(daemon: Daemon) -> None:
+    result = subprocess.run([*SAY, "Hello.", "--url", daemon.url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "--out" in result.stderr
