@@ -117,6 +117,7 @@ class Utterance:
     errors: list[Error] = field(default_factory=list)
     done: Done | None = None
     first_audio_at: float | None = None
+    audio_arrivals: list[float] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
 
     def pcm(self) -> np.ndarray[Any, np.dtype[np.int16]]:
@@ -128,6 +129,22 @@ class Utterance:
         joined = np.concatenate(decoded) if decoded else np.zeros(0, np.int16)
         return joined[self.started.pre_skip :]
 
+    def stalls(self, prebuffer_s: float = 0.1) -> tuple[int, float]:
+        """Underruns a real-time player would hit (count, seconds of silence it would insert), if it
+        starts `prebuffer_s` after the first frame arrives and plays each frame as soon as due."""
+        assert self.started is not None
+        if not self.audio_arrivals:
+            return 0, 0.0
+        clock = self.audio_arrivals[0] + prebuffer_s
+        count, silence = 0, 0.0
+        for arrival, audio in zip(self.audio_arrivals, self.audio, strict=True):
+            if arrival > clock:
+                count += 1
+                silence += arrival - clock
+                clock = arrival
+            clock += audio.samples / self.started.sample_rate
+        return count, silence
+
     def add(self, msg: ServerMessage) -> None:
         self.order.append(msg.type)
         if isinstance(msg, Started):
@@ -135,8 +152,10 @@ class Utterance:
         elif isinstance(msg, Segment):
             self.segments.append(msg)
         elif isinstance(msg, Audio):
+            now = time.perf_counter()
             if self.first_audio_at is None:
-                self.first_audio_at = time.perf_counter()
+                self.first_audio_at = now
+            self.audio_arrivals.append(now)
             self.audio.append(msg)
         elif isinstance(msg, Error):
             self.errors.append(msg)
