@@ -128,6 +128,7 @@ class Connection:
         self._outbound = _Outbound()
         self._closing = False
         self._aborting: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.Timeout | None = None
         self._all_done = asyncio.Event()
         self._all_done.set()
 
@@ -165,14 +166,20 @@ class Connection:
 
     async def _read_loop(self) -> None:
         while True:
-            idle = not self._contexts
             try:
-                msg = await self._ws.receive(timeout=self._limits.idle_timeout_s if idle else None)
+                # Our own deadline, not receive(timeout=): aiohttp restarts that on every pong, so a
+                # client whose library answers pings would never time out.
+                async with asyncio.timeout(None) as timer:
+                    self._idle_timer = timer
+                    self._rearm_idle_timer()
+                    msg = await self._ws.receive()
             except TimeoutError:
                 self._error(None, ErrorCode.IDLE_TIMEOUT, f"no message for {self._limits.idle_timeout_s:g} s")
                 await self._drain(1.0)
                 await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
                 return
+            finally:
+                self._idle_timer = None  # a Timeout cannot be rescheduled once its block is left
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             if msg.type is WSMsgType.ERROR:
@@ -192,6 +199,13 @@ class Connection:
                 self._handle(decode_client(msg.data))
             except ProtocolError as exc:
                 self._error(exc.context, exc.code, exc.message)
+
+    def _rearm_idle_timer(self) -> None:
+        """Idle time counts from the last client message or the last context's end, whichever is later."""
+        if self._idle_timer is not None:
+            loop = asyncio.get_running_loop()
+            idle = not self._contexts
+            self._idle_timer.reschedule(loop.time() + self._limits.idle_timeout_s if idle else None)
 
     def _handle(self, msg: ClientMessage) -> None:
         if isinstance(msg, Start):
@@ -350,6 +364,7 @@ class Connection:
         self._metrics.contexts.dec()
         if not self._contexts:
             self._all_done.set()
+            self._rearm_idle_timer()
 
     def _drop(self, ctx: _Context) -> None:
         """The client left: stop its work, send nothing."""

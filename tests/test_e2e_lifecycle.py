@@ -84,3 +84,26 @@ def test_error_type_is_exported() -> None:
     # The lifecycle test above relies on errors being distinguishable by code alone.
     assert Error(code=ErrorCode.SHUTTING_DOWN, message="x").code.value == "shutting_down"
     assert Done(reason=DoneReason.CANCEL, audio_ms=0.0, segments=0).reason.value == "cancel"
+
+
+async def test_idle_connection_times_out_even_while_answering_pings(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    d = Daemon(tmp_path, model_cache, "[limits]\nidle_timeout_s = 1.5\n")
+    try:
+        d.wait_ready()
+        # The client pings every 0.2 s: keep-alive traffic must not count as activity.
+        async with client(d.url, ping_interval=0.2) as c:
+            await c.send(Start(context="s"))
+            await c.send(Text(context="s", text="Short."))
+            await c.send(End(context="s"))
+            await c.until_done("s", timeout=30)
+            ended = time.monotonic()
+            msg = await c.recv(timeout=10)
+            assert isinstance(msg, Error) and msg.code is ErrorCode.IDLE_TIMEOUT
+            assert 1.0 < time.monotonic() - ended < 4.0
+            with pytest.raises(ConnectionClosed):
+                await c.recv(timeout=5)
+            assert c.ws.close_code == 1008
+    finally:
+        d.stop()
