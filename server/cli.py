@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import Config, load_config
+from .dependencies import check_dependencies
 from .errors import SpeakdError
 
 logger = logging.getLogger("speakd")
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        check_dependencies()
         asyncio.run(_serve(config))
     except SpeakdError as exc:
         logger.critical("cannot start: %s", exc)

@@ -107,3 +107,15 @@ async def test_idle_connection_times_out_even_while_answering_pings(
             assert c.ws.close_code == 1008
     finally:
         d.stop()
+
+
+def test_missing_libopus_is_named_with_its_install_command() -> None:
+    hide_opus = (
+        "import ctypes.util as u; find = u.find_library; "
+        "u.find_library = lambda name: None if 'opus' in name else find(name); "
+        "import sys; from speakd.server.cli import main; sys.exit(main(['serve', '--port', '0']))"
+    )
+    result = subprocess.run([sys.executable, "-c", hide_opus], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "apt-get install libopus0" in result.stderr
+    assert "Traceback" not in result.stderr
