@@ -13,6 +13,7 @@ from speakd.server.windows import (
     CROSSFADE_SAMPLES,
     LEAD_KEEP_FRAMES,
     MIN_FIRST_FRAMES,
+    TAIL_KEEP_FRAMES,
     Stitcher,
     Window,
     expected_samples,
@@ -119,3 +120,35 @@ def test_crossfade_blends_different_renders_smoothly() -> None:
     assert np.all(np.diff(ramp) <= 0) and ramp[0] > 0.99 and ramp[-1] < 0.01
     assert np.all(joined[: seam - CROSSFADE_SAMPLES // 2] == 1.0)
     assert np.all(joined[seam + CROSSFADE_SAMPLES // 2 :] == 0.0)
+
+
+def with_trailing_pause(frames: int, pause: int) -> AcousticFeatures:
+    feats = features(frames)
+    feats.f0[:, 2 * (frames - pause) :] = 8.0
+    feats.energy[:, 2 * (frames - pause) :] = -8.0
+    return feats
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_trailing_pause_is_emitted_as_zeros_not_rendered(progressive: bool) -> None:
+    frames, pause = 160, 24
+    feats = with_trailing_pause(frames, pause)
+    windows = plan_windows(feats, progressive=progressive, vocoder_rtf=0.33)
+    last = windows[-1]
+    assert last.end == frames - pause + TAIL_KEEP_FRAMES
+    assert last.render_end == last.end
+    assert last.pad_frames == pause - TAIL_KEEP_FRAMES
+    assert expected_samples(windows) == (frames - windows[0].start) * SAMPLES_PER_FRAME
+    out = render(feats, windows)
+    assert out.shape == ((frames - windows[0].start) * SAMPLES_PER_FRAME,)
+    assert not out[-last.pad_frames * SAMPLES_PER_FRAME :].any()
+    kept = local_vocoder(feats)[windows[0].start * SAMPLES_PER_FRAME : last.end * SAMPLES_PER_FRAME]
+    np.testing.assert_allclose(out[: kept.size], kept, atol=1e-6)
+
+
+def test_a_pause_inside_the_segment_is_rendered() -> None:
+    feats = features(160)
+    feats.f0[:, 160:200] = 8.0
+    feats.energy[:, 160:200] = -8.0  # frames 80..99 pause, speech resumes after
+    windows = plan_windows(feats, progressive=False, vocoder_rtf=0.33)
+    assert windows[-1].end == 160 and windows[-1].pad_frames == 0
