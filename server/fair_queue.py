@@ -84,11 +84,14 @@ class FairQueue(Generic[T]):
 
     def _take(self, max_items: int, eligible: Callable[[Hashable], bool] | None) -> list[T]:
         batch: list[T] = []
+        taken: set[Hashable] = set()
         while len(batch) < max_items:
-            candidates = [o for o in self._turns if eligible is None or eligible(o)]
+            # With a downstream bound, one item per owner per batch: room is checked before taking.
+            candidates = [o for o in self._turns if eligible is None or (o not in taken and eligible(o))]
             if not candidates:
                 break
             owner = next((o for o in candidates if self._lanes[o][0][1]), candidates[0])
+            taken.add(owner)
             batch.append(self._pop(owner))
         return batch
 

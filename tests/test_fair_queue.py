@@ -86,3 +86,12 @@ async def test_getter_wakes_on_put_and_cancelled_getter_loses_nothing() -> None:
     cancelled.cancel()
     queue.put_nowait("a", "x")
     assert await asyncio.wait_for(waiting, 1) == ["x"]
+
+
+async def test_a_bounded_batch_takes_one_item_per_owner() -> None:
+    queue: FairQueue[str] = FairQueue(None)
+    for i in range(3):
+        queue.put_nowait("a", f"a{i}")
+    queue.put_nowait("b", "b0")
+    assert await queue.get_batch(4, lambda owner: True) == ["a0", "b0"]
+    assert await queue.get_batch(4) == ["a1", "a2"]
