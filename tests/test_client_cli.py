@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import opuslib
 import pytest
+from devices import only_without_audio_device
 from websockets.asyncio.server import ServerConnection, serve
 
 from speakd.client.cli import main
@@ -385,17 +386,7 @@ def test_live_playback_plays_everything_before_exiting(
     assert f"audio duration: {expected / 24000:.2f} s" in err
 
 
-def _has_output_device() -> bool:
-    try:
-        import sounddevice
-
-        sounddevice.query_devices(kind="output")
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_output_device(), reason="this machine has an audio output device")
+@only_without_audio_device
 def test_no_audio_device_exits_3_and_suggests_out(
     daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from devices import only_without_audio_device
 
 from speakd.client import NoAudioDevice, Player
 
@@ -119,17 +120,7 @@ def test_missing_portaudio_is_no_audio_device(monkeypatch: pytest.MonkeyPatch) -
         Player(RATE)
 
 
-def _has_output_device() -> bool:
-    try:
-        import sounddevice
-
-        sounddevice.query_devices(kind="output")
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_output_device(), reason="this machine has an audio output device")
+@only_without_audio_device
 def test_the_real_sounddevice_without_a_device_is_no_audio_device() -> None:
     with pytest.raises(NoAudioDevice, match=r"--out FILE\.wav"):
         Player(24000)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from daemon import Daemon, client, token_pieces, transcribe, word_errors
+from devices import only_without_audio_device
 from websockets.exceptions import ConnectionClosed
 
 from speakd.protocol import (
@@ -293,17 +294,7 @@ def test_say_streams_stdin_as_it_arrives(daemon: Daemon, tmp_path: Path) -> None
     assert errors / total <= 0.2
 
 
-def has_output_device() -> bool:
-    try:
-        import sounddevice
-
-        sounddevice.query_devices(kind="output")
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(has_output_device(), reason="this machine can play audio; the no-device path is moot")
+@only_without_audio_device
 def test_say_without_an_audio_device_says_so(daemon: Daemon) -> None:
     result = subprocess.run([*SAY, "Hello.", "--url", daemon.url], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
