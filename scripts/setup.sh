@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 extra="${1:-client}"
 
 need_libs=()
-ldconfig -p | grep -q 'libopus\.so\.0' || need_libs+=(libopus0)
-ldconfig -p | grep -q 'libportaudio\.so\.2' || need_libs+=(libportaudio2)
+# No `grep -q`: it stops reading early, ldconfig dies of SIGPIPE, and pipefail reads that as "missing".
+libs=$(ldconfig -p 2>/dev/null || true)
+grep 'libopus\.so\.0' >/dev/null <<<"$libs" || need_libs+=(libopus0)
+grep 'libportaudio\.so\.2' >/dev/null <<<"$libs" || need_libs+=(libportaudio2)
 if ((${#need_libs[@]})); then
   echo "setup: installing system libraries: ${need_libs[*]}" >&2
   sudo=""
