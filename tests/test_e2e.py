@@ -118,6 +118,10 @@ async def test_cancel_stops_audio_and_context_is_reusable(daemon: Daemon) -> Non
         await c.send(Text(context="barge", text=" ".join(SENTENCES * 3)))
         await c.send(Flush(context="barge"))
         await c.until("barge", Audio)
+        # The vocoder is busy now; the event loop still answers at once.
+        asked = time.perf_counter()
+        assert await asyncio.to_thread(daemon.get, "/healthz") == (200, "ok\n")
+        assert time.perf_counter() - asked < 0.5
         cancelled_at = time.perf_counter()
         await c.send(Cancel(context="barge"))
         done = await c.until("barge", Done, timeout=5)
