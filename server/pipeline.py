@@ -183,15 +183,29 @@ class Stage(Generic[In, Out]):
                 outputs.extend(await self._compute(loop, work))
             for item in batch:
                 if isinstance(item, EndMarker):
-                    marker = (
-                        await loop.run_in_executor(self._executor, self._finish, item)
-                        if self._finish
-                        else item
-                    )
+                    try:
+                        marker = (
+                            await loop.run_in_executor(self._executor, self._finish, item)
+                            if self._finish
+                            else item
+                        )
+                    except Exception as exc:
+                        self._fail(item.job, exc)
+                        continue
                     outputs.append(marker)
             for output in outputs:
                 if not output.job.cancelled:
-                    self._emit(output)
+                    try:
+                        self._emit(output)
+                    except Exception as exc:
+                        self._fail(output.job, exc)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """One context's failure must never end the worker that serves all the others."""
+        logger.error("%s stage failed for context %r", self.name, job.context, exc_info=exc)
+        error = SynthesisError(f"{self.name} failed for context {job.context!r}: {exc}")
+        error.__cause__ = exc
+        self._on_failure(job, error)
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out]:
         started = time.perf_counter()
@@ -199,10 +213,7 @@ class Stage(Generic[In, Out]):
             outputs: list[Out] = await loop.run_in_executor(self._executor, self._work, work)
         except Exception as exc:
             if len(work) == 1:
-                error = SynthesisError(f"{self.name} failed for context {work[0].job.context!r}: {exc}")
-                error.__cause__ = exc
-                logger.exception("%s stage failed", self.name)
-                self._on_failure(work[0].job, error)
+                self._fail(work[0].job, exc)
                 return []
             # Isolate the culprit so one bad segment cannot fail its batch-mates.
             outputs = []

@@ -600,3 +600,68 @@ async def test_an_item_that_expands_overfills_its_lane_by_its_expansion_only(har
     await wait_until(lambda: {"busy", "x"} <= h.sink.ended)
     assert h.sink.delivered("x") == [(i, f"x {i}") for i in range(4)]
     assert [e.index for e in h.sink.of("x", "deliver")] == [0, 0, 1, 2, 3]  # the first in two parts
+
+
+class ExplodingSink(RecordingSink):
+    """Raises while delivering one context's audio: a bug downstream, not in the model."""
+
+    def deliver(self, job: Job, segment: EncodedSegment) -> None:
+        if job.context == "cursed":
+            raise RuntimeError("sink bug")
+        super().deliver(job, segment)
+
+
+class BrokenTailEncoder(Pcm16FrameEncoder):
+    def _tail(self) -> list[Frame]:
+        raise RuntimeError("tail bug")
+
+
+async def test_a_bug_after_the_model_fails_one_context_and_keeps_the_workers_alive(harness: Harness) -> None:
+    h = harness
+    sink = ExplodingSink()
+    cursed = Job(
+        context="cursed",
+        voice="af_fake",
+        lang="en-us",
+        speed=1.0,
+        encoder=Pcm16FrameEncoder(24000, 20),
+        sink=sink,
+    )
+    tail = Job(
+        context="tail",
+        voice="af_fake",
+        lang="en-us",
+        speed=1.0,
+        encoder=BrokenTailEncoder(24000, 20),
+        sink=sink,
+    )
+    fine = Job(
+        context="fine",
+        voice="af_fake",
+        lang="en-us",
+        speed=1.0,
+        encoder=Pcm16FrameEncoder(24000, 20),
+        sink=sink,
+    )
+    for job in (cursed, tail, fine):
+        h.pipeline.submit(job, f"text of {job.context}")
+        h.pipeline.end(job)
+    await wait_until(lambda: {"cursed", "tail", "fine"} <= sink.ended)
+    assert [e.kind for e in sink.of("cursed")] == ["fail"]
+    assert "sink bug" in str(sink.of("cursed")[0].error)
+    assert [e.kind for e in sink.of("tail")] == ["deliver", "fail"]
+    assert "tail bug" in str(sink.of("tail")[-1].error)
+    assert [e.kind for e in sink.of("fine")] == ["deliver", "finish"]
+    # Every worker still runs: a new context goes all the way through.
+    after = Job(
+        context="after",
+        voice="af_fake",
+        lang="en-us",
+        speed=1.0,
+        encoder=Pcm16FrameEncoder(24000, 20),
+        sink=sink,
+    )
+    h.pipeline.submit(after, "still alive")
+    h.pipeline.end(after)
+    await wait_until(lambda: "after" in sink.ended)
+    assert sink.delivered("after") == [(0, "still alive")]
