@@ -185,6 +185,7 @@ class Connection:
             if msg.type is WSMsgType.ERROR:
                 logger.info("connection error: %s", self._ws.exception())
                 return
+            request: ClientMessage | None = None
             try:
                 if msg.type is WSMsgType.TEXT:
                     raise text_frame_error()
@@ -196,9 +197,15 @@ class Connection:
                         f"message of {len(msg.data)} bytes exceeds the limit of "
                         f"{self._limits.max_message_bytes}",
                     )
-                self._handle(decode_client(msg.data))
+                request = decode_client(msg.data)
+                self._handle(request)
             except ProtocolError as exc:
                 self._error(exc.context, exc.code, exc.message)
+            except Exception:
+                # A bug must cost one request, not the connection (or the daemon).
+                logger.exception("internal error handling %r", request)
+                context = request.context if request is not None else None
+                self._error(context, ErrorCode.INTERNAL, "internal error; see the daemon's log")
 
     def _rearm_idle_timer(self) -> None:
         """Idle time counts from the last client message or the last context's end, whichever is later."""

@@ -442,3 +442,19 @@ async def test_idle_connection_is_closed(server: Server) -> None:
     await client.expect_error(ErrorCode.IDLE_TIMEOUT, None)
     await asyncio.wait_for(client.task, 5)
     assert client.ws.close_codes == [WSCloseCode.POLICY_VIOLATION]
+
+
+async def test_a_bug_while_handling_a_request_costs_only_that_request(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = server.connect()
+
+    def broken_encoder(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("encoder bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("speakd.server.connection.make_encoder", broken_encoder)
+        client.send(Start(context="v"))
+        error = await client.expect_error(ErrorCode.INTERNAL, "v")
+    assert "encoder bug" not in error.message  # internals stay in the log
+    await assert_still_serves(client, "v")
