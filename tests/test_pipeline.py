@@ -619,33 +619,14 @@ class BrokenTailEncoder(Pcm16FrameEncoder):
 async def test_a_bug_after_the_model_fails_one_context_and_keeps_the_workers_alive(harness: Harness) -> None:
     h = harness
     sink = ExplodingSink()
-    cursed = Job(
-        context="cursed",
-        voice="af_fake",
-        lang="en-us",
-        speed=1.0,
-        encoder=Pcm16FrameEncoder(24000, 20),
-        sink=sink,
-    )
-    tail = Job(
-        context="tail",
-        voice="af_fake",
-        lang="en-us",
-        speed=1.0,
-        encoder=BrokenTailEncoder(24000, 20),
-        sink=sink,
-    )
-    fine = Job(
-        context="fine",
-        voice="af_fake",
-        lang="en-us",
-        speed=1.0,
-        encoder=Pcm16FrameEncoder(24000, 20),
-        sink=sink,
-    )
-    for job in (cursed, tail, fine):
-        h.pipeline.submit(job, f"text of {job.context}")
-        h.pipeline.end(job)
+
+    def job(context: str, encoder: FrameEncoder | None = None) -> Job:
+        encoder = encoder or Pcm16FrameEncoder(24000, 20)
+        return Job(context=context, voice="af_fake", lang="en-us", speed=1.0, encoder=encoder, sink=sink)
+
+    for each in (job("cursed"), job("tail", BrokenTailEncoder(24000, 20)), job("fine")):
+        h.pipeline.submit(each, f"text of {each.context}")
+        h.pipeline.end(each)
     await wait_until(lambda: {"cursed", "tail", "fine"} <= sink.ended)
     assert [e.kind for e in sink.of("cursed")] == ["fail"]
     assert "sink bug" in str(sink.of("cursed")[0].error)
@@ -653,14 +634,7 @@ async def test_a_bug_after_the_model_fails_one_context_and_keeps_the_workers_ali
     assert "tail bug" in str(sink.of("tail")[-1].error)
     assert [e.kind for e in sink.of("fine")] == ["deliver", "finish"]
     # Every worker still runs: a new context goes all the way through.
-    after = Job(
-        context="after",
-        voice="af_fake",
-        lang="en-us",
-        speed=1.0,
-        encoder=Pcm16FrameEncoder(24000, 20),
-        sink=sink,
-    )
+    after = job("after")
     h.pipeline.submit(after, "still alive")
     h.pipeline.end(after)
     await wait_until(lambda: "after" in sink.ended)
