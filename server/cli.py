@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.add_argument("--cache-dir", help="where the assembled model is cached (default ~/.cache/speakd)")
     serve.add_argument("--voice", help="default voice (default jf_gongitsune)")
+    serve.add_argument(
+        "--engine",
+        choices=["auto", "torch", "onnx"],
+        help="inference engine (default onnx; auto: torch on a GPU)",
+    )
+    serve.add_argument("--device", help="torch engine device: auto, cpu, cuda or cuda:N (default auto)")
     serve.add_argument("--threads", type=int, help="inference threads per stage (default: all cores)")
     return parser
 
@@ -39,6 +45,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "server.log_level": args.log_level,
         "model.cache_dir": args.cache_dir,
         "model.default_voice": args.voice,
+        "model.engine": args.engine,
+        "model.device": args.device,
         "model.threads": args.threads,
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
@@ -21,8 +22,10 @@ from .errors import ConfigError
 CONFIG_ENV = "SPEAKD_CONFIG"
 CACHE_DIR_ENV = "SPEAKD_CACHE_DIR"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Grows as engines are added; model.engine is checked against it.
-ENGINES = frozenset({"onnx"})
+# model.engine: "auto" picks torch when PyTorch sees a GPU, else onnx.
+ENGINES = frozenset({"onnx", "torch", "auto"})
+# model.device (torch engine only): "auto" picks "cuda" when PyTorch sees a GPU, else "cpu".
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 OPUS_MIN_BITRATE = 6000
 OPUS_MAX_BITRATE = 510000
 
@@ -55,6 +58,7 @@ class ModelSection:
     """Which engine and voice to use; empty cache_dir means `default_cache_dir()`, threads 0 all cores."""
 
     engine: str = "onnx"
+    device: str = "auto"
     cache_dir: str = ""
     default_voice: str = "jf_gongitsune"
     threads: int = 0
@@ -132,6 +136,10 @@ _RULES: dict[str, _Rule] = {
     "server.log_level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(map(repr, LOG_LEVELS))}"),
     **{f"limits.{key}": _POSITIVE for key in _KEY_TYPES["limits"]},
     "model.engine": (lambda v: v in ENGINES, f"one of {', '.join(map(repr, sorted(ENGINES)))}"),
+    "model.device": (
+        lambda v: DEVICE_PATTERN.fullmatch(v) is not None,
+        "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    ),
     "model.default_voice": (_non_empty, "a non-empty string"),
     "model.threads": (_non_negative, "at least 0 (0 = all cores)"),
     "pipeline.max_queued_per_context": _POSITIVE,

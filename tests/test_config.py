@@ -261,7 +261,7 @@ def test_int_accepted_for_float_override() -> None:
         ("limits.idle_timeout_s", 0.0, 0.1),
         ("limits.max_outbound_bytes", 0, 1),
         ("limits.send_timeout_s", -1.0, 0.5),
-        ("model.engine", "torch", "onnx"),
+        ("model.engine", "tensorrt", "torch"),
         ("model.default_voice", "", "af_heart"),
         ("model.threads", -1, 0),
         ("pipeline.max_queued_per_context", 0, 1),
@@ -287,7 +287,10 @@ def test_range_message_says_what_is_allowed(tmp_path: Path) -> None:
     assert (
         error_of(path) == f"{path}: server.port must be between 0 and 65535 (0 picks a free port), got 70000"
     )
-    assert error_of(overrides={"model.engine": "torch"}) == "model.engine must be one of 'onnx', got 'torch'"
+    assert (
+        error_of(overrides={"model.engine": "gpu"})
+        == "model.engine must be one of 'auto', 'onnx', 'torch', got 'gpu'"
+    )
     assert "'debug', 'info', 'warning', 'error'" in error_of(overrides={"server.log_level": "loud"})
 
 
