@@ -4,8 +4,8 @@ The vocoder costs about 0.3 s per second of audio on a 2-core CPU, so a 2 s firs
 keep a listener waiting 600 ms. Rendered as two consecutive windows, the first audio leaves after
 the first, short window; the first window is made just long enough that, at the vocoder's measured
 speed, the second window is rendered before the first has finished playing, so no gap follows.
-Each window is rendered with CONTEXT_FRAMES of features beyond its edges (none before the segment's
-start) so its convolutions see what a whole render sees, and the two are joined with a short
+Each window is rendered with CONTEXT_FRAMES of features beyond its edges (the trimmed lead-in
+included) so its convolutions see what a whole render sees, and the two are joined with a short
 crossfade at an unvoiced frame when one is near: the harmonic source's phase restarts in each
 window, which is inaudible where that source is silent. More, smaller windows do not pay on a CPU:
 every window re-renders 2 x CONTEXT_FRAMES, which at this speed costs as much as it gains.
@@ -92,7 +92,9 @@ def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder_rtf: 
 
     `vocoder_rtf` is the vocoder's seconds of work per second of audio (measured by the pipeline);
     the first window is sized so that the second one's render fits in the first one's playback
-    plus the client's pre-buffer.
+    plus the client's pre-buffer. The first window also renders CONTEXT_FRAMES of the trimmed
+    lead-in before it: without them Whisper's word error rate on 33 held-out sentences rose from
+    8.9 % to 11.2 % (whole render: 7.7 %).
     """
     total = features.frames
     lead = int(features.durations[0]) if features.durations.size else 0
@@ -108,7 +110,9 @@ def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder_rtf: 
         if frames - first >= MIN_FIRST_FRAMES:
             seam = _seam(start + first, unvoiced, start + MIN_FIRST_FRAMES // 2, end - 1)
             return [
-                Window(start, seam, start, min(end, seam + CONTEXT_FRAMES), last=False),
+                Window(
+                    start, seam, max(0, start - CONTEXT_FRAMES), min(end, seam + CONTEXT_FRAMES), last=False
+                ),
                 Window(seam, end, max(start, seam - CONTEXT_FRAMES), end, last=True, pad_frames=pad),
             ]
     return [Window(start, end, max(0, start - CONTEXT_FRAMES), end, last=True, pad_frames=pad)]
