@@ -11,6 +11,7 @@ from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures
 from speakd.server.windows import (
     CONTEXT_FRAMES,
     CROSSFADE_SAMPLES,
+    LEAD_CONTEXT_FRAMES,
     LEAD_KEEP_FRAMES,
     MIN_FIRST_FRAMES,
     TAIL_KEEP_FRAMES,
@@ -75,7 +76,7 @@ def test_first_window_is_short_and_the_second_fits_in_its_playback() -> None:
     feats = features(160)
     rtf = 0.33
     first, second = plan_windows(feats, progressive=True, vocoder_rtf=rtf)
-    assert first.render_start == first.start - CONTEXT_FRAMES  # the trimmed lead-in is context
+    assert first.render_start == first.start - LEAD_CONTEXT_FRAMES  # the trimmed lead-in is context
     first_render = (first.render_end - first.render_start) * rtf
     second_render = (second.render_end - second.render_start) * rtf
     whole_render = (160 - first.start + CONTEXT_FRAMES) * rtf
