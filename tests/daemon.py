@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import opuslib
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from speakd.protocol import (
     Audio,
     AudioCodec,
     Done,
+    DoneReason,
     Error,
     Segment,
     ServerMessage,
@@ -144,6 +146,23 @@ class Utterance:
                 clock = arrival
             clock += audio.samples / self.started.sample_rate
         return count, silence
+
+    def assert_complete(self, text: str, min_segments: int) -> None:
+        """Ended normally, in protocol order: every segment announced before its audio, seq and segment
+        indices without gaps, segment texts adding up to `text`, audio_ms matching the frames sent."""
+        assert self.done is not None and self.done.reason is DoneReason.END
+        assert self.errors == []
+        assert self.order[0] == "started" and self.order[1] == "segment" and self.order[-1] == "done"
+        assert [a.seq for a in self.audio] == list(range(len(self.audio)))
+        assert [s.segment for s in self.segments] == list(range(len(self.segments)))
+        assert len(self.segments) == self.done.segments >= min_segments
+        assert " ".join(s.text for s in self.segments) == text
+        assert self.started is not None
+        assert self.done.audio_ms == pytest.approx(
+            sum(a.samples for a in self.audio) * 1000 / self.started.sample_rate
+        )
+        starts = [s.start_ms for s in self.segments]
+        assert starts == sorted(starts) and starts[0] == 0.0
 
     def add(self, msg: ServerMessage) -> None:
         self.order.append(msg.type)
