@@ -5,9 +5,24 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How big a batch a stage takes, and how long it may wait for batch-mates.
+
+    `max_cost` bounds the batch as padded: batch size x its largest item's cost (a batched model pads
+    every item to the longest), so one long item cannot blow up memory. A batch holding an urgent item
+    (a context's first segment) never waits: batching must not cost time to first audio.
+    """
+
+    max_items: int
+    max_cost: int | None = None
+    linger_s: float = 0.0
 
 
 class FairQueue(Generic[T]):
@@ -20,8 +35,9 @@ class FairQueue(Generic[T]):
     queued items at once, which is how a cancel reaches work that has not started yet.
     """
 
-    def __init__(self, lane_limit: int | None) -> None:
+    def __init__(self, lane_limit: int | None, cost: Callable[[T], int] | None = None) -> None:
         self._lane_limit = lane_limit
+        self._cost = cost
         self._lanes: dict[Hashable, deque[tuple[T, bool]]] = {}
         self._turns: deque[Hashable] = deque()
         self._size = 0
@@ -50,20 +66,43 @@ class FairQueue(Generic[T]):
         self._size += 1
         self.poke()
 
-    async def get_batch(self, max_items: int, eligible: Callable[[Hashable], bool] | None = None) -> list[T]:
-        """Wait for items of eligible owners, then take up to `max_items` in serving order."""
-        while True:
-            batch = self._take(max_items, eligible)
-            if batch:
-                self._taken()
-                return batch
-            waiter = asyncio.get_running_loop().create_future()
-            self._getters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._getters:
-                    self._getters.remove(waiter)
+    async def get_batch(
+        self, limits: BatchLimits | int, eligible: Callable[[Hashable], bool] | None = None
+    ) -> list[T]:
+        """Wait for items of eligible owners, then take a batch within `limits` in serving order.
+
+        With `limits.linger_s`, a batch that is not full and holds no urgent item waits up to that
+        long for more items (taking them as they come); an urgent arrival ends the wait at once."""
+        if isinstance(limits, int):
+            limits = BatchLimits(limits)
+        batch = _Batch[T](limits, self._cost)
+        while not batch.items:
+            self._take(batch, eligible)
+            if not batch.items:
+                await self._wait()
+        self._taken()
+        if limits.linger_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + limits.linger_s
+            while not batch.urgent and not batch.full and (left := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(left):
+                        await self._wait()
+                except TimeoutError:
+                    break
+                if self._take(batch, eligible):
+                    self._taken()
+        return batch.items
+
+    async def _wait(self) -> None:
+        """Until the next put or poke."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._getters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._getters:
+                self._getters.remove(waiter)
 
     def poke(self) -> None:
         """Wake waiting getters to look again (new items, or room opened downstream)."""
@@ -82,30 +121,65 @@ class FairQueue(Generic[T]):
         self._taken()
         return len(lane)
 
-    def _take(self, max_items: int, eligible: Callable[[Hashable], bool] | None) -> list[T]:
-        batch: list[T] = []
-        taken: set[Hashable] = set()
-        while len(batch) < max_items:
+    def _take(self, batch: _Batch[T], eligible: Callable[[Hashable], bool] | None) -> int:
+        """Move items into `batch` while they fit; returns how many were taken."""
+        taken = 0
+        while not batch.full:
             # With a downstream bound, one item per owner per batch: room is checked before taking.
-            candidates = [o for o in self._turns if eligible is None or (o not in taken and eligible(o))]
+            candidates = [
+                o for o in self._turns if eligible is None or (o not in batch.owners and eligible(o))
+            ]
             if not candidates:
                 break
             owner = next((o for o in candidates if self._lanes[o][0][1]), candidates[0])
-            taken.add(owner)
-            batch.append(self._pop(owner))
-        return batch
+            item, urgent = self._lanes[owner][0]
+            if not batch.fits(item):
+                break
+            self._pop(owner)
+            batch.add(owner, item, urgent)
+            taken += 1
+        return taken
 
-    def _pop(self, owner: Hashable) -> T:
+    def _pop(self, owner: Hashable) -> None:
         self._turns.remove(owner)
         lane = self._lanes[owner]
-        item, _ = lane.popleft()
+        lane.popleft()
         self._size -= 1
         if lane:
             self._turns.append(owner)
         else:
             del self._lanes[owner]
-        return item
 
     def _taken(self) -> None:
         for callback in self._on_take:
             callback()
+
+
+class _Batch(Generic[T]):
+    """A batch being gathered: its items, owners, padded cost and whether it holds urgent work."""
+
+    def __init__(self, limits: BatchLimits, cost: Callable[[T], int] | None) -> None:
+        self.items: list[T] = []
+        self.owners: set[Hashable] = set()
+        self.urgent = False
+        self._limits = limits
+        self._cost = cost
+        self._widest = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self._limits.max_items
+
+    def fits(self, item: T) -> bool:
+        """Whether `item` keeps the padded cost within bounds; the first item always fits."""
+        if not self.items or self._limits.max_cost is None or self._cost is None:
+            return True
+        widest = max(self._widest, self._cost(item))
+        return (len(self.items) + 1) * widest <= self._limits.max_cost
+
+    def add(self, owner: Hashable, item: T, urgent: bool) -> None:
+        self.items.append(item)
+        self.owners.add(owner)
+        self.urgent = self.urgent or urgent
+        if self._cost is not None:
+            self._widest = max(self._widest, self._cost(item))

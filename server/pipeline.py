@@ -22,7 +22,7 @@ import numpy.typing as npt
 from .audio_encoder import Frame, FrameEncoder
 from .engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest, Engine
 from .errors import SynthesisError
-from .fair_queue import FairQueue
+from .fair_queue import BatchLimits, FairQueue
 from .g2p import EnglishG2P
 from .metrics import SpeakdMetrics
 from .voices import VoiceBank
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
 RTF_SMOOTHING = 0.2  # weight of the newest vocoder speed measurement
 INITIAL_VOCODER_RTF = 0.4  # what the ONNX vocoder does on 2 CPU cores, until measured here
+# Frames per phoneme token, to bound acoustic batches before their durations are known: about 2.5-3
+# in running speech, more in short segments (the BOS/EOS pauses).
+FRAMES_PER_TOKEN = 3
 
 
 class JobSink(Protocol):
@@ -132,6 +135,16 @@ In = TypeVar("In", bound=Item)
 Out = TypeVar("Out", bound=Item)
 
 
+def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
+    """An acoustic item's batch cost: the frames it will probably make (BOS/EOS included)."""
+    return 0 if isinstance(item, EndMarker) else FRAMES_PER_TOKEN * (len(item.tokens) + 2)
+
+
+def _window_frames(item: FeaturesItem | EndMarker) -> int:
+    """A vocoder item's batch cost: the frames its window renders."""
+    return 0 if isinstance(item, EndMarker) else item.window.render_end - item.window.render_start
+
+
 def _is_urgent(item: Item) -> bool:
     """A context's first segment jumps the queue (time to first audio matters most), and so does
     its end marker, which costs nothing and lets `done` go out as soon as the audio has."""
@@ -154,7 +167,7 @@ class Stage(Generic[In, Out]):
         outbox: FairQueue[Out | EndMarker] | None,
         emit: Callable[[Out | EndMarker], None],
         *,
-        max_batch: int,
+        limits: BatchLimits,
         metrics: SpeakdMetrics,
         on_failure: Callable[[Job, SynthesisError], None],
         finish: Callable[[EndMarker], EndMarker] | None = None,
@@ -166,7 +179,7 @@ class Stage(Generic[In, Out]):
             outbox.on_take(inbox.poke)
         self._work = work
         self._emit = emit
-        self._max_batch = max_batch
+        self._limits = limits
         self._metrics = metrics
         self._on_failure = on_failure
         self._finish = finish
@@ -175,7 +188,7 @@ class Stage(Generic[In, Out]):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            taken = await self.inbox.get_batch(self._max_batch, self._eligible)
+            taken = await self.inbox.get_batch(self._limits, self._eligible)
             batch = [item for item in taken if not item.job.cancelled]
             work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
             outputs: list[Out | EndMarker] = []
@@ -240,8 +253,10 @@ class Pipeline:
         voices: VoiceBank,
         metrics: SpeakdMetrics,
         lane_limit: int,
-        max_batch: int = 1,
+        batching: BatchLimits | None = None,
     ) -> None:
+        """`batching` bounds the acoustic and vocoder stages' batches (cost = frames, padded); G2P and
+        the encoder work item by item, so a batch would only delay its first item's output."""
         self._g2p = g2p
         self._engine = engine
         self._voices = voices
@@ -250,8 +265,8 @@ class Pipeline:
         # Text waiting for G2P is bounded per context by the connection's text budget; the other
         # queues hold at most `lane_limit` items per context (a few more where one item expands).
         self._text_queue: FairQueue[TextItem | EndMarker] = FairQueue(None)
-        self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(lane_limit)
-        self._feature_queue: FairQueue[FeaturesItem | EndMarker] = FairQueue(lane_limit)
+        self._phoneme_queue: FairQueue[PhonemesItem | EndMarker] = FairQueue(lane_limit, _phoneme_frames)
+        self._feature_queue: FairQueue[FeaturesItem | EndMarker] = FairQueue(lane_limit, _window_frames)
         self._waveform_queue: FairQueue[WaveformItem | EndMarker] = FairQueue(lane_limit)
 
         def stage(
@@ -261,6 +276,7 @@ class Pipeline:
             outbox: FairQueue[Out | EndMarker] | None,
             emit: Callable[[Out | EndMarker], None],
             finish: Callable[[EndMarker], EndMarker] | None = None,
+            limits: BatchLimits | None = None,
         ) -> Stage[In, Out]:
             depth = metrics.stage_queue_depth.labels(stage=name)
             depth.set_function(lambda: float(len(inbox)))
@@ -270,7 +286,7 @@ class Pipeline:
                 inbox,
                 outbox,
                 emit,
-                max_batch=max_batch,
+                limits=limits or BatchLimits(1),
                 metrics=metrics,
                 on_failure=self._fail,
                 finish=finish,
@@ -278,8 +294,20 @@ class Pipeline:
 
         self._stages: list[Stage[Any, Any]] = [
             stage("g2p", self._phonemize, self._text_queue, *self._into(self._phoneme_queue)),
-            stage("acoustic", self._acoustic, self._phoneme_queue, *self._into(self._feature_queue)),
-            stage("vocoder", self._vocode, self._feature_queue, *self._into(self._waveform_queue)),
+            stage(
+                "acoustic",
+                self._acoustic,
+                self._phoneme_queue,
+                *self._into(self._feature_queue),
+                limits=batching,
+            ),
+            stage(
+                "vocoder",
+                self._vocode,
+                self._feature_queue,
+                *self._into(self._waveform_queue),
+                limits=batching,
+            ),
             stage("encoder", self._encode, self._waveform_queue, None, self._deliver, self._encode_tail),
         ]
         self._tasks: list[asyncio.Task[None]] = []

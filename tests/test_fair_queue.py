@@ -1,10 +1,11 @@
-"""FairQueue: per-owner order, turns between owners, urgent first, lanes bounded, eligibility, discard."""
+"""FairQueue: per-owner order, turns between owners, urgent first, lanes bounded, eligibility, discard,
+batch limits by padded cost, and lingering for batch-mates that never delays urgent work."""
 
 from __future__ import annotations
 
 import asyncio
 
-from speakd.server.fair_queue import FairQueue
+from speakd.server.fair_queue import BatchLimits, FairQueue
 
 
 async def drain(queue: FairQueue[str]) -> list[str]:
@@ -95,3 +96,80 @@ async def test_a_bounded_batch_takes_one_item_per_owner() -> None:
     queue.put_nowait("b", "b0")
     assert await queue.get_batch(4, lambda owner: True) == ["a0", "b0"]
     assert await queue.get_batch(4) == ["a1", "a2"]
+
+
+def sized_queue() -> FairQueue[str]:
+    """Items named like "a:30": owner a, cost 30 (frames)."""
+    return FairQueue(None, cost=lambda item: int(item.split(":")[1]))
+
+
+def everyone(owner: object) -> bool:
+    return True
+
+
+async def test_batch_cost_is_bounded_as_padded_to_its_longest_item() -> None:
+    queue = sized_queue()
+    for item in ("a:10", "b:10", "c:40", "d:10"):
+        queue.put_nowait(item[0], item)
+    # a, b: 2 x 10 = 20; adding c pads all three to 40: 120 > 100, so the batch stops before c.
+    assert await queue.get_batch(BatchLimits(8, max_cost=100), everyone) == ["a:10", "b:10"]
+    assert await queue.get_batch(BatchLimits(8, max_cost=100), everyone) == ["c:40", "d:10"]
+
+
+async def test_an_item_over_the_cost_bound_still_goes_alone() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:500")
+    queue.put_nowait("b", "b:1")
+    assert await queue.get_batch(BatchLimits(8, max_cost=100), everyone) == ["a:500"]
+
+
+async def test_lingering_gathers_items_that_arrive_within_the_window() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:1")
+    getting = asyncio.create_task(queue.get_batch(BatchLimits(3, linger_s=5.0), everyone))
+    await asyncio.sleep(0.02)
+    assert not getting.done()  # lingering for batch-mates
+    queue.put_nowait("b", "b:1")
+    await asyncio.sleep(0.02)
+    assert not getting.done()
+    queue.put_nowait("c", "c:1")  # the batch is full: no more waiting
+    assert await asyncio.wait_for(getting, 1) == ["a:1", "b:1", "c:1"]
+
+
+async def test_lingering_ends_after_linger_s_with_what_it_has() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await queue.get_batch(BatchLimits(3, linger_s=0.05), everyone) == ["a:1"]
+    assert loop.time() - started >= 0.04
+
+
+async def test_a_batch_holding_urgent_work_does_not_linger() -> None:
+    queue = sized_queue()
+    queue.put_nowait("late", "late:1")
+    queue.put_nowait("new", "new:1", urgent=True)
+    batch = await asyncio.wait_for(queue.get_batch(BatchLimits(3, linger_s=30.0), everyone), 1)
+    assert batch == ["new:1", "late:1"]
+
+
+async def test_an_urgent_arrival_ends_the_lingering_at_once() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:1")
+    getting = asyncio.create_task(queue.get_batch(BatchLimits(4, linger_s=30.0), everyone))
+    await asyncio.sleep(0.02)
+    queue.put_nowait("new", "new:1", urgent=True)
+    assert await asyncio.wait_for(getting, 1) == ["a:1", "new:1"]
+
+
+async def test_items_taken_while_lingering_free_room_upstream_at_once() -> None:
+    queue = sized_queue()
+    calls: list[int] = []
+    queue.on_take(lambda: calls.append(len(queue)))
+    queue.put_nowait("a", "a:1")
+    getting = asyncio.create_task(queue.get_batch(BatchLimits(2, linger_s=30.0), everyone))
+    await asyncio.sleep(0.02)
+    assert calls == [0]
+    queue.put_nowait("b", "b:1")
+    assert await asyncio.wait_for(getting, 1) == ["a:1", "b:1"]
+    assert calls == [0, 0]

@@ -23,6 +23,7 @@ import pytest
 from speakd.server.audio_encoder import Frame, FrameEncoder, Pcm16FrameEncoder
 from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 from speakd.server.errors import SynthesisError
+from speakd.server.fair_queue import BatchLimits
 from speakd.server.g2p import EnglishG2P, PhonemeChunk
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline import EncodedSegment, Job, Pipeline
@@ -74,12 +75,14 @@ class FakeEngine:
         self.fail: tuple[str, str] | None = None
         self.vocoded: list[str] = []
         self.acoustic_texts: list[str] = []
+        self.batch_sizes: dict[str, list[int]] = {"acoustic": [], "vocoder": []}
 
     def _check(self, stage: str, text: str) -> None:
         if self.fail is not None and self.fail[0] == stage and self.fail[1] in text:
             raise RuntimeError(f"fake {stage} failure on {text!r}")
 
     def acoustic(self, batch: Sequence[AcousticRequest]) -> list[AcousticFeatures]:
+        self.batch_sizes["acoustic"].append(len(batch))
         out = []
         for request in batch:
             assert request.style.shape == (1, STYLE_DIM)
@@ -100,6 +103,7 @@ class FakeEngine:
         return out
 
     def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
+        self.batch_sizes["vocoder"].append(len(batch))
         out = []
         for features in batch:
             text = self.acoustic_texts[int(features.asr[0, 0, 0])]
@@ -219,7 +223,7 @@ def _voices() -> VoiceBank:
     return VoiceBank({"af_fake": rng.standard_normal((510, STYLE_DIM)).astype(np.float32)})
 
 
-async def _start(lane_limit: int, max_batch: int) -> Harness:
+async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0) -> Harness:
     engine, g2p, sink, metrics = FakeEngine(), FakeG2P(), RecordingSink(), SpeakdMetrics()
     pipeline = Pipeline(
         g2p=cast(EnglishG2P, g2p),
@@ -227,7 +231,7 @@ async def _start(lane_limit: int, max_batch: int) -> Harness:
         voices=_voices(),
         metrics=metrics,
         lane_limit=lane_limit,
-        max_batch=max_batch,
+        batching=BatchLimits(max_batch, linger_s=linger_s),
     )
     await pipeline.start()
     return Harness(pipeline, engine, g2p, sink, metrics, lane_limit, max_batch)
@@ -235,9 +239,10 @@ async def _start(lane_limit: int, max_batch: int) -> Harness:
 
 @pytest.fixture
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """A started pipeline; `@pytest.mark.parametrize("harness", [(lane_limit, max_batch)], indirect=True)`."""
-    lane_limit, max_batch = getattr(request, "param", (8, 1))
-    h = await _start(lane_limit, max_batch)
+    """A started pipeline; `@pytest.mark.parametrize("harness", [(lane_limit, max_batch[, linger_s])],
+    indirect=True)`."""
+    lane_limit, max_batch, *linger = getattr(request, "param", (8, 1))
+    h = await _start(lane_limit, max_batch, *linger)
     try:
         yield h
     finally:
@@ -639,3 +644,30 @@ async def test_a_bug_after_the_model_fails_one_context_and_keeps_the_workers_ali
     h.pipeline.end(after)
     await wait_until(lambda: "after" in sink.ended)
     assert sink.delivered("after") == [(0, "still alive")]
+
+
+@pytest.mark.parametrize("harness", [(8, 4, 0.3)], indirect=True)
+async def test_contexts_are_batched_together_and_every_one_gets_its_own_audio(harness: Harness) -> None:
+    contexts = [f"c{i}" for i in range(3)]
+    texts = {c: [f"{c} one", f"{c} two", f"{c} three"] for c in contexts}
+    for c in contexts:
+        job = harness.job(c)
+        harness.pipeline.submit(job, "|".join(texts[c]))
+        harness.pipeline.end(job)
+    await wait_until(lambda: harness.sink.ended == set(contexts))
+    assert max(harness.engine.batch_sizes["vocoder"]) > 1
+    assert max(harness.engine.batch_sizes["acoustic"]) > 1
+    for c in contexts:
+        assert harness.sink.delivered(c) == list(enumerate(texts[c]))
+        for index, text in enumerate(texts[c]):
+            assert _pcm_level(harness.sink.frames(c, index)) == pytest.approx(_level(text), abs=1e-3)
+
+
+@pytest.mark.parametrize("harness", [(8, 4, 30.0)], indirect=True)
+async def test_a_first_segment_never_waits_for_batch_mates(harness: Harness) -> None:
+    """Lingering is 30 s here: only a batch that does not wait can finish within wait_until's 5 s."""
+    job = harness.job("new")
+    harness.pipeline.submit(job, "hello")
+    harness.pipeline.end(job)
+    await wait_until(lambda: "new" in harness.sink.ended)
+    assert harness.sink.delivered("new") == [(0, "hello")]
