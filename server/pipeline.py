@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -154,9 +154,11 @@ def _is_urgent(item: Item) -> bool:
 
 
 class Stage(Generic[In, Out]):
-    """One worker task pulling batches from `inbox`, computing in its own thread, pushing onward.
+    """Worker tasks pulling batches from `inbox`, computing in their own threads, pushing onward.
 
-    It takes only items whose context has room in `outbox`, so pushing never waits.
+    It takes only items whose context has room in `outbox`, so pushing never waits, and none of a
+    context that another of its workers is busy with, so a context's items stay in order (and its
+    stateful encoder is used by one thread at a time) however many workers there are.
     """
 
     def __init__(
@@ -171,10 +173,13 @@ class Stage(Generic[In, Out]):
         metrics: SpeakdMetrics,
         on_failure: Callable[[Job, SynthesisError], None],
         finish: Callable[[EndMarker], EndMarker] | None = None,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self.inbox = inbox
-        self._eligible = outbox.has_room if outbox is not None else None
+        self.workers = workers
+        self._outbox = outbox
+        self._busy: set[Job] = set()
         if outbox is not None:
             outbox.on_take(inbox.poke)
         self._work = work
@@ -183,35 +188,49 @@ class Stage(Generic[In, Out]):
         self._metrics = metrics
         self._on_failure = on_failure
         self._finish = finish
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"speakd-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"speakd-{name}")
+
+    def _eligible(self, owner: Hashable) -> bool:
+        return owner not in self._busy and (self._outbox is None or self._outbox.has_room(owner))
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """One worker's loop; a stage runs `workers` of them."""
         while True:
             taken = await self.inbox.get_batch(self._limits, self._eligible)
-            batch = [item for item in taken if not item.job.cancelled]
-            work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
-            outputs: list[Out | EndMarker] = []
-            if work:
-                outputs.extend(await self._compute(loop, work))
-            for item in batch:
-                if isinstance(item, EndMarker):
-                    try:
-                        marker = (
-                            await loop.run_in_executor(self._executor, self._finish, item)
-                            if self._finish
-                            else item
-                        )
-                    except Exception as exc:
-                        self._fail(item.job, exc)
-                        continue
-                    outputs.append(marker)
-            for output in outputs:
-                if not output.job.cancelled:
-                    try:
-                        self._emit(output)
-                    except Exception as exc:
-                        self._fail(output.job, exc)
+            owners = {item.job for item in taken}
+            self._busy |= owners
+            try:
+                await self._process(taken)
+            finally:
+                self._busy -= owners
+                if self.workers > 1:
+                    self.inbox.poke()
+
+    async def _process(self, taken: list[In | EndMarker]) -> None:
+        loop = asyncio.get_running_loop()
+        batch = [item for item in taken if not item.job.cancelled]
+        work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
+        outputs: list[Out | EndMarker] = []
+        if work:
+            outputs.extend(await self._compute(loop, work))
+        for item in batch:
+            if isinstance(item, EndMarker):
+                try:
+                    marker = (
+                        await loop.run_in_executor(self._executor, self._finish, item)
+                        if self._finish
+                        else item
+                    )
+                except Exception as exc:
+                    self._fail(item.job, exc)
+                    continue
+                outputs.append(marker)
+        for output in outputs:
+            if not output.job.cancelled:
+                try:
+                    self._emit(output)
+                except Exception as exc:
+                    self._fail(output.job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
         """One context's failure must never end the worker that serves all the others."""
@@ -254,9 +273,12 @@ class Pipeline:
         metrics: SpeakdMetrics,
         lane_limit: int,
         batching: BatchLimits | None = None,
+        encoder_workers: int = 1,
     ) -> None:
         """`batching` bounds the acoustic and vocoder stages' batches (cost = frames, padded); G2P and
-        the encoder work item by item, so a batch would only delay its first item's output."""
+        the encoder work item by item, so a batch would only delay its first item's output. Opus costs
+        about 1.5 % of a core per live stream: `encoder_workers` threads encode contexts in parallel
+        (opuslib releases the GIL), which a GPU serving hundreds of streams needs."""
         self._g2p = g2p
         self._engine = engine
         self._voices = voices
@@ -277,6 +299,7 @@ class Pipeline:
             emit: Callable[[Out | EndMarker], None],
             finish: Callable[[EndMarker], EndMarker] | None = None,
             limits: BatchLimits | None = None,
+            workers: int = 1,
         ) -> Stage[In, Out]:
             depth = metrics.stage_queue_depth.labels(stage=name)
             depth.set_function(lambda: float(len(inbox)))
@@ -290,6 +313,7 @@ class Pipeline:
                 metrics=metrics,
                 on_failure=self._fail,
                 finish=finish,
+                workers=workers,
             )
 
         self._stages: list[Stage[Any, Any]] = [
@@ -308,12 +332,24 @@ class Pipeline:
                 *self._into(self._waveform_queue),
                 limits=batching,
             ),
-            stage("encoder", self._encode, self._waveform_queue, None, self._deliver, self._encode_tail),
+            stage(
+                "encoder",
+                self._encode,
+                self._waveform_queue,
+                None,
+                self._deliver,
+                self._encode_tail,
+                workers=encoder_workers,
+            ),
         ]
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(stage.run(), name=f"stage-{stage.name}") for stage in self._stages]
+        self._tasks = [
+            asyncio.create_task(stage.run(), name=f"stage-{stage.name}-{worker}")
+            for stage in self._stages
+            for worker in range(stage.workers)
+        ]
 
     async def close(self) -> None:
         for task in self._tasks:

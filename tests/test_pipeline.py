@@ -223,7 +223,7 @@ def _voices() -> VoiceBank:
     return VoiceBank({"af_fake": rng.standard_normal((510, STYLE_DIM)).astype(np.float32)})
 
 
-async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0) -> Harness:
+async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0, encoder_workers: int = 1) -> Harness:
     engine, g2p, sink, metrics = FakeEngine(), FakeG2P(), RecordingSink(), SpeakdMetrics()
     pipeline = Pipeline(
         g2p=cast(EnglishG2P, g2p),
@@ -232,6 +232,7 @@ async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0) -> Harn
         metrics=metrics,
         lane_limit=lane_limit,
         batching=BatchLimits(max_batch, linger_s=linger_s),
+        encoder_workers=encoder_workers,
     )
     await pipeline.start()
     return Harness(pipeline, engine, g2p, sink, metrics, lane_limit, max_batch)
@@ -239,8 +240,8 @@ async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0) -> Harn
 
 @pytest.fixture
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """A started pipeline; `@pytest.mark.parametrize("harness", [(lane_limit, max_batch[, linger_s])],
-    indirect=True)`."""
+    """A started pipeline; `@pytest.mark.parametrize("harness", [(lane_limit, max_batch[, linger_s[,
+    encoder_workers]])], indirect=True)`."""
     lane_limit, max_batch, *linger = getattr(request, "param", (8, 1))
     h = await _start(lane_limit, max_batch, *linger)
     try:
@@ -671,3 +672,37 @@ async def test_a_first_segment_never_waits_for_batch_mates(harness: Harness) -> 
     harness.pipeline.end(job)
     await wait_until(lambda: "new" in harness.sink.ended)
     assert harness.sink.delivered("new") == [(0, "hello")]
+
+
+class RendezvousEncoder(Pcm16FrameEncoder):
+    """PCM16 frames; its first frame waits until every encoder sharing `barrier` is at its own first
+    frame, so encoding only gets past it when the contexts are encoded in parallel."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__(24000, 20)
+        self.barrier = barrier
+        self.met = False
+
+    def _frame(self, pcm: npt.NDArray[np.int16]) -> Frame:
+        if not self.met:
+            self.barrier.wait(5)
+            self.met = True
+        return super()._frame(pcm)
+
+
+@pytest.mark.parametrize("harness", [(8, 1, 0.0, 3)], indirect=True)
+async def test_encoder_workers_encode_contexts_in_parallel_and_keep_each_in_order(harness: Harness) -> None:
+    barrier = threading.Barrier(3)
+    contexts = [f"c{i}" for i in range(3)]
+    texts = {c: [f"{c} a", f"{c} b", f"{c} c", f"{c} d"] for c in contexts}
+    for c in contexts:
+        job = harness.job(c, encoder=RendezvousEncoder(barrier))
+        harness.pipeline.submit(job, "|".join(texts[c]))
+        harness.pipeline.end(job)
+    await wait_until(lambda: harness.sink.ended == set(contexts), limit_s=10)
+    assert not barrier.broken  # all three encoders were inside a frame at once
+    for c in contexts:
+        assert [e.kind for e in harness.sink.of(c)][-1] == "finish"
+        assert harness.sink.delivered(c) == list(enumerate(texts[c]))
+        for index, text in enumerate(texts[c]):
+            assert _pcm_level(harness.sink.frames(c, index)) == pytest.approx(_level(text), abs=1e-3)
