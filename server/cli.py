@@ -27,11 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8765; 0 picks a free one)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     serve.add_argument("--cache-dir", help="where the assembled model is cached (default ~/.cache/speakd)")
-    serve.add_argument("--voice", help="default voice (default jf_gongitsune)")
+    serve.add_argument(
+        "--model-dir",
+        help="directory with the official Kokoro-82M weights (config.json, kokoro-v1_0.pth, voices/*.pt), "
+        "run on the torch engine (default: model.dir of the config file, else $SPEAKD_MODEL_DIR, else the "
+        "embedded model)",
+    )
+    serve.add_argument(
+        "--voice",
+        help="default voice (default jf_gongitsune; with a model dir af_heart, else an English one)",
+    )
     serve.add_argument(
         "--engine",
         choices=["auto", "torch", "onnx"],
-        help="inference engine (default onnx; auto: torch on a GPU)",
+        help="inference engine (default onnx, auto with a model dir; auto: torch on a GPU or a model dir)",
     )
     serve.add_argument("--device", help="torch engine device: auto, cpu, cuda or cuda:N (default auto)")
     serve.add_argument("--threads", type=int, help="inference threads per stage (default: all cores)")
@@ -43,6 +52,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "server.host": args.host,
         "server.port": args.port,
         "server.log_level": args.log_level,
+        "model.dir": args.model_dir,
         "model.cache_dir": args.cache_dir,
         "model.default_voice": args.voice,
         "model.engine": args.engine,

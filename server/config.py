@@ -18,16 +18,22 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
+from .torch_weights import ModelDir
+from .voices import preferred_voice
 
 CONFIG_ENV = "SPEAKD_CONFIG"
 CACHE_DIR_ENV = "SPEAKD_CACHE_DIR"
+MODEL_DIR_ENV = "SPEAKD_MODEL_DIR"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# model.engine: "auto" picks torch when PyTorch sees a GPU, else onnx.
+# model.engine: "auto" picks torch when PyTorch sees a GPU or model.dir is set, else onnx.
 ENGINES = frozenset({"onnx", "torch", "auto"})
 # model.device (torch engine only): "auto" picks "cuda" when PyTorch sees a GPU, else "cpu".
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 OPUS_MIN_BITRATE = 6000
 OPUS_MAX_BITRATE = 510000
+# Values in error messages are shortened, but not so much that a path (model.dir) loses its middle.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 160
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,24 @@ class LimitsSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """Which engine and voice to use; empty cache_dir means `default_cache_dir()`, threads 0 all cores."""
+    """Which weights, engine and voice to use; empty dir means the embedded model, empty cache_dir
+    `default_cache_dir()`, threads 0 all cores."""
 
     engine: str = "onnx"
     device: str = "auto"
+    dir: str = ""
     cache_dir: str = ""
     default_voice: str = "jf_gongitsune"
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here rather than in _RULES because it spans two keys, and so no Config can hold it.
+        if self.dir and self.engine == "onnx":
+            raise ConfigError(
+                f"model.engine 'onnx' cannot run the weights in model.dir {self.dir!r}: they are a PyTorch "
+                "checkpoint, which only the torch engine runs; set model.engine to 'torch' or 'auto', "
+                "or leave it unset"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,11 @@ class Config:
     def resolved_cache_dir(self) -> Path:
         """model.cache_dir with `~` expanded, or `default_cache_dir()` when it is empty."""
         return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else default_cache_dir()
+
+    @property
+    def resolved_model_dir(self) -> Path | None:
+        """model.dir with `~` expanded, or None for the embedded model."""
+        return Path(self.model.dir).expanduser() if self.model.dir else None
 
 
 def default_cache_dir() -> Path:
@@ -140,6 +162,10 @@ _RULES: dict[str, _Rule] = {
         lambda v: DEVICE_PATTERN.fullmatch(v) is not None,
         "'auto', 'cpu', 'cuda' or 'cuda:N'",
     ),
+    "model.dir": (
+        lambda v: v == "" or Path(v).expanduser().is_dir(),
+        'an existing directory ("" for the embedded model)',
+    ),
     "model.default_voice": (_non_empty, "a non-empty string"),
     "model.threads": (_non_negative, "at least 0 (0 = all cores)"),
     "pipeline.max_queued_per_context": _POSITIVE,
@@ -158,7 +184,9 @@ def load_config(path: Path | None = None, overrides: Mapping[str, object] | None
 
     With `path` None, the file named by $SPEAKD_CONFIG is read if that is set, else none. `overrides`
     maps dotted keys ("server.port") to values; None values are skipped, so argparse options left
-    unset (default None) do not override the file.
+    unset (default None) do not override the file. model.dir, when neither sets it, comes from
+    $SPEAKD_MODEL_DIR; a model.dir is checked at once (`ModelError` for a bad layout) and changes two
+    defaults, see `_model_dir_defaults`.
     """
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
@@ -169,8 +197,20 @@ def load_config(path: Path | None = None, overrides: Mapping[str, object] | None
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _apply(values, dotted, value, "")
+    if "dir" not in values["model"] and os.environ.get(MODEL_DIR_ENV):
+        _apply(values, "model.dir", os.environ[MODEL_DIR_ENV], f"${MODEL_DIR_ENV}: ")
+    if values["model"].get("dir"):
+        _model_dir_defaults(values["model"])
     sections: dict[str, Any] = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Config(**sections)
+
+
+def _model_dir_defaults(model: dict[str, object]) -> None:
+    """Defaults for the official weights, for the keys the user left unset: engine "auto" (torch runs
+    them), and the model dir's preferred voice instead of the embedded model's jf_gongitsune."""
+    model_dir = ModelDir.open(Path(str(model["dir"])).expanduser())
+    model.setdefault("engine", "auto")
+    model.setdefault("default_voice", preferred_voice(list(model_dir.voices)))
 
 
 def _read_file(path: Path) -> dict[str, object]:
@@ -212,7 +252,7 @@ def _apply(values: dict[str, dict[str, object]], dotted: str, value: object, whe
         raise ConfigError(f"{where}{dotted} must be {_TYPE_NAMES[expected]}, got {_describe(value)}")
     rule = _RULES.get(dotted)
     if rule is not None and not rule[0](value):
-        raise ConfigError(f"{where}{dotted} must be {rule[1]}, got {reprlib.repr(value)}")
+        raise ConfigError(f"{where}{dotted} must be {rule[1]}, got {_SHORT.repr(value)}")
     values[section][key] = value
 
 
@@ -233,4 +273,4 @@ def _key_hint(section: str, key: str) -> str:
 
 
 def _describe(value: object) -> str:
-    return f"{type(value).__name__} {reprlib.repr(value)}"
+    return f"{type(value).__name__} {_SHORT.repr(value)}"

@@ -9,6 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+# The keys KModel reads from a config.json; the others (dim_in, max_conv_dim, multispeaker) it ignores.
+KMODEL_KEYS = (
+    "vocab",
+    "n_token",
+    "plbert",
+    "hidden_dim",
+    "style_dim",
+    "n_layer",
+    "max_dur",
+    "dropout",
+    "text_encoder_kernel_size",
+    "n_mels",
+    "istftnet",
+)
+
 
 def kokoro_config(vocab: dict[str, int]) -> dict[str, Any]:
     """KModel's config for Kokoro-82M with the model's own phoneme vocabulary."""

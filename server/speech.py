@@ -12,6 +12,7 @@ from .errors import ConfigError, DependencyError
 from .g2p import EnglishG2P
 from .model_assets import ModelFiles, prepare_embedded_model
 from .onnx_engine import OnnxEngine
+from .torch_weights import ModelDir, load_kmodel, load_official_kmodel
 from .voices import VoiceBank
 
 logger = logging.getLogger(__name__)
@@ -29,18 +30,29 @@ class Speech:
 
     @classmethod
     def load(cls, config: Config) -> Speech:
-        """Blocking: assemble/cut the model if needed, open sessions, load G2P (a few seconds)."""
+        """Blocking: the official weights in model.dir, else the embedded model (assembled and cut if
+        needed); then sessions or KModel, and G2P (a few seconds)."""
         started = time.perf_counter()
-        files = prepare_embedded_model(config.resolved_cache_dir)
-        voices = VoiceBank.from_npz(files.voices_npz)
+        model: ModelFiles | ModelDir
+        model_dir = config.resolved_model_dir
+        if model_dir is None:
+            model = prepare_embedded_model(config.resolved_cache_dir)
+            voices, vocab = VoiceBank.from_npz(model.voices_npz), model.vocab()
+        else:
+            model = ModelDir.open(model_dir)
+            voices, vocab = VoiceBank.from_pt_files(model.voices), model.vocab
         if config.model.default_voice not in voices:
             raise ConfigError(
                 f"model.default_voice {config.model.default_voice!r} is not a voice of this model; "
                 f"choose one of {', '.join(voices.names)}"
             )
-        speech = cls(voices=voices, g2p=EnglishG2P(files.vocab()), engine=_engine(config, files))
+        speech = cls(voices=voices, g2p=EnglishG2P(vocab), engine=_engine(config, model))
         logger.info(
-            "model loaded in %.1f s (voices: %s)", time.perf_counter() - started, ", ".join(voices.names)
+            "model loaded in %.1f s from %s (voices: %s; default %s)",
+            time.perf_counter() - started,
+            model_dir or "the embedded int8 ONNX model",
+            ", ".join(voices.names),
+            config.model.default_voice,
         )
         return speech
 
@@ -63,13 +75,14 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def choose_engine(engine: str, device: str) -> tuple[str, str]:
+def choose_engine(engine: str, device: str, model_dir: bool = False) -> tuple[str, str]:
     """(engine, device) with "auto" resolved; the device is "cpu" for the onnx engine.
 
-    engine "auto" is torch when PyTorch sees a GPU, else onnx; device "auto" is "cuda" when PyTorch sees
-    a GPU, else "cpu". A CUDA device PyTorch cannot see is a ConfigError."""
+    engine "auto" is torch when PyTorch sees a GPU or the weights come from a model dir (only torch runs
+    them, on the CPU too), else onnx; device "auto" is "cuda" when PyTorch sees a GPU, else "cpu". A
+    CUDA device PyTorch cannot see is a ConfigError."""
     if engine == "auto":
-        engine = "torch" if _torch_cuda_available() else "onnx"
+        engine = "torch" if model_dir or _torch_cuda_available() else "onnx"
     if engine == "onnx":
         return engine, "cpu"
     try:
@@ -88,14 +101,17 @@ def choose_engine(engine: str, device: str) -> tuple[str, str]:
     return engine, device
 
 
-def _engine(config: Config, files: ModelFiles) -> Engine:
-    engine, device = choose_engine(config.model.engine, config.model.device)
-    if engine == "onnx":
+def _engine(config: Config, model: ModelFiles | ModelDir) -> Engine:
+    # ModelSection refuses engine "onnx" with a model dir, so a ModelDir always gets torch here.
+    engine, device = choose_engine(config.model.engine, config.model.device, isinstance(model, ModelDir))
+    if engine == "onnx" and isinstance(model, ModelFiles):
         logger.info("engine: onnx (ONNX Runtime, CPU)")
-        return OnnxEngine(files, config.model.threads)
+        return OnnxEngine(model, config.model.threads)
     from .torch_engine import TorchEngine
-    from .torch_weights import load_kmodel, prepare_torch_weights
 
-    prepare_torch_weights(files)
-    logger.info("engine: torch (PyTorch KModel) on %s", device)
-    return TorchEngine(load_kmodel(files, device), device, config.model.threads)
+    if isinstance(model, ModelDir):
+        kmodel, weights = load_official_kmodel(model, device), f"official weights from {model.root}"
+    else:
+        kmodel, weights = load_kmodel(model, device), "weights converted from the embedded model"
+    logger.info("engine: torch (PyTorch KModel) on %s, %s", device, weights)
+    return TorchEngine(kmodel, device, config.model.threads)

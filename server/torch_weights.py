@@ -1,7 +1,11 @@
-"""PyTorch weights for hexgrad's KModel (kokoro==0.9.4), converted from the embedded int8 ONNX graph.
+"""PyTorch weights for hexgrad's KModel (kokoro==0.9.4): the official ones from a directory, or weights
+converted from the embedded int8 ONNX graph.
 
-Only the int8 ONNX model ships with speakd, and nothing may be fetched from a model hub, so the torch
-checkpoint is rebuilt from the graph: int8 weights are dequantized as (q - zp)·scale and every tensor is
+A user with the official files on disk (hexgrad/Kokoro-82M: config.json, kokoro-v1_0.pth, voices/*.pt)
+names their directory in model.dir; `ModelDir` checks that layout and `load_official_kmodel` loads it.
+
+Otherwise only the int8 ONNX model ships with speakd, and nothing may be fetched from a model hub, so the
+torch checkpoint is rebuilt from the graph: int8 weights are dequantized as (q - zp)·scale and every tensor is
 mapped to its KModel key by the name of the node that consumes it (most weights are anonymous in the
 graph). The result reproduces the int8 model's weights, not the original fp32 Kokoro checkpoint.
 
@@ -14,20 +18,22 @@ Known gap between the two models on the same input:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
 import re
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DependencyError, ModelError
-from .kokoro_config import kokoro_config
+from .errors import ConfigError, DependencyError, ModelError
+from .kokoro_config import KMODEL_KEYS, kokoro_config
 from .model_assets import ModelFiles
 
 if TYPE_CHECKING:
@@ -41,6 +47,12 @@ PARTS = ("bert", "bert_encoder", "predictor", "text_encoder", "decoder")
 REPO_ID = "hexgrad/Kokoro-82M"  # names the model for KModel; nothing is downloaded from it
 CHECKPOINT_NAME = "kmodel.pth"
 ONNX_AUDIO_GAIN = 1.5  # ONNX audio / KModel audio for the same spectrum (its exported iSTFT)
+# The official layout (hexgrad/Kokoro-82M), whose checkpoint was saved from nn.DataParallel: its state
+# dict keys carry the wrapper's "module." prefix.
+OFFICIAL_CONFIG = "config.json"
+OFFICIAL_CHECKPOINT = "kokoro-v1_0.pth"
+OFFICIAL_VOICES = "voices"
+MODULE_PREFIX = "module."
 
 F32 = npt.NDArray[np.float32]
 
@@ -56,8 +68,9 @@ def _kmodel_class() -> Any:
     return KModel
 
 
-def _bare_kmodel(vocab: dict[str, int]) -> KModel:
-    """A randomly initialised KModel: KModel reads weights from a file or the hub, so give it none."""
+def _bare_kmodel(config: dict[str, Any]) -> KModel:
+    """A randomly initialised KModel from `config`: KModel reads weights from a file or the hub, so give
+    it none."""
     kmodel_class = _kmodel_class()
     import torch
 
@@ -68,7 +81,56 @@ def _bare_kmodel(vocab: dict[str, int]) -> KModel:
         # kokoro's own construction warns (LSTM dropout with one layer, deprecated weight_norm): not ours.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        return kmodel_class(repo_id=REPO_ID, config=kokoro_config(vocab), model=empty)
+        return kmodel_class(repo_id=REPO_ID, config=config, model=empty)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDir:
+    """The official Kokoro-82M files in a directory, checked without loading a tensor, so that a wrong
+    directory is reported before anything heavy starts (the daemon checks it with its configuration)."""
+
+    root: Path
+    config: dict[str, Any]  # config.json, with every key of KMODEL_KEYS
+    checkpoint: Path
+    voices: dict[str, Path]  # voice name (the file's stem) → voices/NAME.pt, sorted by name
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Phoneme symbol → token id, from config.json."""
+        vocab: dict[str, int] = self.config["vocab"]
+        return vocab
+
+    @classmethod
+    def open(cls, root: Path) -> ModelDir:
+        """Raises ConfigError if `root` is no directory, ModelError if it lacks a file or config.json
+        does not parse or lacks a key KModel reads."""
+        if not root.is_dir():
+            raise ConfigError(f"model.dir {root} does not exist or is not a directory")
+        layout = f"expected: {OFFICIAL_CONFIG}, {OFFICIAL_CHECKPOINT}, {OFFICIAL_VOICES}/*.pt as in {REPO_ID}"
+        config_path = root / OFFICIAL_CONFIG
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelError(f"{root} has no {OFFICIAL_CONFIG} ({layout})") from exc
+        except OSError as exc:
+            raise ModelError(f"cannot read {config_path}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ModelError(f"{config_path} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ModelError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
+        missing = [key for key in KMODEL_KEYS if key not in config]
+        if missing:
+            raise ModelError(f"{config_path} lacks keys KModel needs: {', '.join(missing)}")
+        vocab = config["vocab"]
+        if not isinstance(vocab, dict) or not all(type(token) is int for token in vocab.values()):
+            raise ModelError(f"{config_path}: vocab must map phoneme symbols to integer token ids")
+        checkpoint = root / OFFICIAL_CHECKPOINT
+        if not checkpoint.is_file():
+            raise ModelError(f"{root} has no {OFFICIAL_CHECKPOINT} ({layout})")
+        voice_files = sorted(path for path in (root / OFFICIAL_VOICES).glob("*.pt") if path.is_file())
+        if not voice_files:
+            raise ModelError(f"{root / OFFICIAL_VOICES} holds no voice files (*.pt) ({layout})")
+        return cls(root, config, checkpoint, {path.stem: path for path in voice_files})
 
 
 class _Graph:
@@ -243,7 +305,7 @@ def convert_onnx(onnx_path: Path) -> dict[str, dict[str, torch.Tensor]]:
     except (OSError, DecodeError) as exc:
         raise ModelError(f"cannot read the ONNX model {onnx_path}: {exc}") from exc
     graph = _Graph(model)
-    target = {key: tuple(t.shape) for key, t in _bare_kmodel({}).state_dict().items()}
+    target = {key: tuple(t.shape) for key, t in _bare_kmodel(kokoro_config({})).state_dict().items()}
     modules, tensors = _collect_weights(graph)
 
     # Biases, norms and Snake alphas kept their torch names: encoder.<part>.X and decoder.decoder.X.
@@ -317,20 +379,73 @@ def prepare_torch_weights(files: ModelFiles) -> Path:
     return target
 
 
+def _read_checkpoint(path: Path, hint: str = "", mmap: bool = False) -> object:
+    """torch.load with tensors only (no code from the file runs); ModelError if it does not read."""
+    import torch
+
+    try:
+        checkpoint: object = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"cannot read the checkpoint {path} ({exc}){hint}") from exc
+    return checkpoint
+
+
+def _fit(model: KModel, checkpoint: object, source: Path, hint: str = "") -> None:
+    """Load `checkpoint`, {part: state dict}, into `model` strictly, else raise a ModelError naming each
+    part's missing, unexpected and misshapen keys. KModel's own loader would instead fall back to a
+    partial, non-strict load without a word. Keys may carry the "module." prefix."""
+    import torch
+
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"{source} holds a {type(checkpoint).__name__}, not {{part: state dict}}{hint}")
+    problems = [f"unknown part {part!r}" for part in checkpoint if part not in PARTS]
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for part in PARTS:
+        given = checkpoint.get(part)
+        if not isinstance(given, dict):
+            problems.append(f"part {part!r} is {'missing' if given is None else 'not a state dict'}")
+            continue
+        state = {str(key).removeprefix(MODULE_PREFIX): value for key, value in given.items()}
+        expected = getattr(model, part).state_dict()
+        misshapen = [
+            f"{key} {list(getattr(state[key], 'shape', []))} ≠ {list(tensor.shape)}"
+            for key, tensor in expected.items()
+            if key in state and (not isinstance(state[key], torch.Tensor) or state[key].shape != tensor.shape)
+        ]
+        for what, keys in (
+            ("missing keys", [key for key in expected if key not in state]),
+            ("unexpected keys", [key for key in state if key not in expected]),
+            ("shape mismatches", misshapen),
+        ):
+            if keys:
+                more = f", … ({len(keys)} in all)" if len(keys) > 5 else ""
+                problems.append(f"{part}: {what} {', '.join(keys[:5])}{more}")
+        states[part] = state
+    if problems:
+        raise ModelError(f"{source} does not fit kokoro's KModel: {'; '.join(problems)}{hint}")
+    for part, state in states.items():
+        getattr(model, part).load_state_dict(state, strict=True)
+
+
 def load_kmodel(files: ModelFiles, device: str = "cpu") -> KModel:
     """KModel in eval mode on `device` with the converted weights, built offline.
 
     Its audio is 1/ONNX_AUDIO_GAIN of the ONNX engine's, and its durations may differ by ±1 frame on a
     few tokens (see the module docstring)."""
     path = prepare_torch_weights(files)
-    model = _bare_kmodel(files.vocab())
-    import torch
+    model = _bare_kmodel(kokoro_config(files.vocab()))
+    hint = "; delete it to convert again"
+    _fit(model, _read_checkpoint(path, hint, mmap=True), path, hint)
+    return model.to(device).eval()
 
-    # Loaded here and strictly: KModel's own loader silently falls back to a partial, non-strict load.
+
+def load_official_kmodel(model_dir: ModelDir, device: str = "cpu") -> KModel:
+    """KModel in eval mode on `device` with the official weights in `model_dir`, built offline from its
+    config.json and loaded strictly. Its audio is KModel's own level, as with the converted weights."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        for part in PARTS:
-            getattr(model, part).load_state_dict(checkpoint[part], strict=True)
-    except (RuntimeError, KeyError, pickle.UnpicklingError) as exc:
-        raise ModelError(f"{path} does not fit kokoro's KModel ({exc}); delete it to convert again") from exc
+        model = _bare_kmodel(model_dir.config)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ModelError(f"{model_dir.root / OFFICIAL_CONFIG} does not describe a KModel ({exc!r})") from exc
+    logger.info("loading the official Kokoro weights %s", model_dir.checkpoint)
+    _fit(model, _read_checkpoint(model_dir.checkpoint), model_dir.checkpoint)
     return model.to(device).eval()

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ModelError
+from .errors import DependencyError, ModelError
 
 STYLE_DIM = 256
 MAX_PHONEMES = 510
+# The default voice for official weights: Kokoro's best-rated voice, else any English one (Kokoro names
+# voices by language first: a = American, b = British English).
+PREFERRED_VOICE = "af_heart"
+ENGLISH_PREFIXES = ("a", "b")
+
+
+def preferred_voice(names: Sequence[str]) -> str:
+    """af_heart if present, else the first English voice, else the first voice (in sorted order)."""
+    ordered = sorted(names)
+    if not ordered:
+        raise ModelError("no voices to choose a default from")
+    if PREFERRED_VOICE in ordered:
+        return PREFERRED_VOICE
+    return next((name for name in ordered if name.startswith(ENGLISH_PREFIXES)), ordered[0])
 
 
 class VoiceBank:
@@ -32,6 +48,30 @@ class VoiceBank:
                 )
                 for name in archive.files
             }
+        return cls(packs)
+
+    @classmethod
+    def from_pt_files(cls, files: Mapping[str, Path]) -> VoiceBank:
+        """Load Kokoro's own voice files (voice name → .pt path), each a torch tensor [510, 1, 256].
+
+        Checked exactly: reshaping alone would let e.g. [510, 2, 128] through as a garbled voice."""
+        try:
+            import torch
+        except ImportError as exc:
+            raise DependencyError("voices/*.pt files need PyTorch: pip install kokoro==0.9.4") from exc
+        packs = {}
+        for name, path in files.items():
+            try:
+                tensor = torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+                raise ModelError(f"cannot read voice file {path}: {exc}") from exc
+            expected = f"[{MAX_PHONEMES}, 1, {STYLE_DIM}]"
+            if not isinstance(tensor, torch.Tensor):
+                kind = type(tensor).__name__
+                raise ModelError(f"voice file {path} holds a {kind}, not a tensor {expected}")
+            if tensor.ndim != 3 or tuple(tensor.shape[1:]) != (1, STYLE_DIM):
+                raise ModelError(f"voice file {path} has shape {list(tensor.shape)}, expected {expected}")
+            packs[name] = np.ascontiguousarray(tensor.float().reshape(-1, STYLE_DIM).numpy())
         return cls(packs)
 
     @property

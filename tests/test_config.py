@@ -26,7 +26,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "speakd.example.toml"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own SPEAKD_* / XDG settings must not leak into these tests."""
-    for name in ("SPEAKD_CONFIG", "SPEAKD_CACHE_DIR", "XDG_CACHE_HOME"):
+    for name in ("SPEAKD_CONFIG", "SPEAKD_CACHE_DIR", "SPEAKD_MODEL_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -57,7 +57,10 @@ def test_defaults_without_file() -> None:
         max_outbound_bytes=4 * 1024 * 1024,
         send_timeout_s=10.0,
     )
-    assert config.model == ModelSection(engine="onnx", cache_dir="", default_voice="jf_gongitsune", threads=0)
+    assert config.model == ModelSection(
+        engine="onnx", device="auto", dir="", cache_dir="", default_voice="jf_gongitsune", threads=0
+    )
+    assert config.resolved_model_dir is None
     assert config.pipeline == PipelineSection(
         max_queued_per_context=4, first_clause_min_words=4, max_segment_chars=300
     )
@@ -292,6 +295,13 @@ def test_range_message_says_what_is_allowed(tmp_path: Path) -> None:
         == "model.engine must be one of 'auto', 'onnx', 'torch', got 'gpu'"
     )
     assert "'debug', 'info', 'warning', 'error'" in error_of(overrides={"server.log_level": "loud"})
+
+
+def test_values_in_messages_are_shortened_only_when_very_long() -> None:
+    path_like = "/srv/models/" + "kokoro-82m-" * 9  # a path must not lose its middle
+    assert error_of(overrides={"server.log_level": path_like}).endswith(f"got {path_like!r}")
+    message = error_of(overrides={"server.log_level": "x" * 10000})
+    assert "..." in message and len(message) < 300
 
 
 def test_bad_override_does_not_hide_behind_a_good_file(tmp_path: Path) -> None:
