@@ -442,10 +442,11 @@ def load_kmodel(files: ModelFiles, device: str = "cpu") -> KModel:
 def load_official_kmodel(model_dir: ModelDir, device: str = "cpu") -> KModel:
     """KModel in eval mode on `device` with the official weights in `model_dir`, built offline from its
     config.json and loaded strictly. Its audio is KModel's own level, as with the converted weights."""
+    logger.info("loading the official Kokoro weights %s", model_dir.checkpoint)
+    checkpoint = _read_checkpoint(model_dir.checkpoint)  # first: an unreadable file fails fast
     try:
         model = _bare_kmodel(model_dir.config)
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelError(f"{model_dir.root / OFFICIAL_CONFIG} does not describe a KModel ({exc!r})") from exc
-    logger.info("loading the official Kokoro weights %s", model_dir.checkpoint)
-    _fit(model, _read_checkpoint(model_dir.checkpoint), model_dir.checkpoint)
+    _fit(model, checkpoint, model_dir.checkpoint)
     return model.to(device).eval()
