@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -44,12 +44,14 @@ LISTENING = re.compile(r"listening on ws://([^:/]+):(\d+)/v1/stream")
 class Daemon:
     """`speakd serve` in a subprocess on a free port, its log collected, stopped with SIGTERM."""
 
-    def __init__(self, tmp: Path, cache_dir: Path, config: str = "") -> None:
+    def __init__(self, tmp: Path, cache_dir: Path, config: str = "", args: Sequence[str] = ()) -> None:
+        """`config` is the TOML file's text; `args` are more command-line options."""
         config_path = tmp / "speakd.toml"
         config_path.write_text(config)
         env = dict(os.environ, SPEAKD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+        command = ["serve", "--port", "0", "--config", str(config_path), *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "speakd.server.cli", "serve", "--port", "0", "--config", str(config_path)],
+            [sys.executable, "-m", "speakd.server.cli", *command],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             env=env,

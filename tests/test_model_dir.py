@@ -9,11 +9,7 @@ weights, and a real daemon started with --model-dir."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -395,28 +391,6 @@ def test_a_config_json_that_does_not_describe_a_kmodel(tmp_path: Path) -> None:
 # -- the daemon, started with --model-dir --------------------------------------------------------
 
 
-class ModelDirDaemon(Daemon):
-    """Daemon, started with `--model-dir` on its command line (Daemon takes its options from a file)."""
-
-    def __init__(self, model_dir: Path, cache_dir: Path) -> None:
-        env = dict(os.environ, SPEAKD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-        command = ["serve", "--port", "0", "--model-dir", str(model_dir), "--threads", str(THREADS)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "speakd.server.cli", *command],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self.log: list[str] = []
-        self._port: int | None = None
-        self._port_seen = threading.Event()
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._port_seen.wait(60) or self._port is None:
-            self.stop()
-            raise RuntimeError("daemon did not start listening:\n" + "".join(self.log))
-
-
 @pytest.fixture(scope="module")
 def daemon(official: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # The layout with an af_heart: the real one's is not here, so it speaks with jf_gongitsune's style.
@@ -425,7 +399,11 @@ def daemon(official: Path, model_cache: Path, tmp_path_factory: pytest.TempPathF
         (root / name).symlink_to(official / name)
     shutil.copytree(official / "voices", root / "voices")
     shutil.copy(official / "voices" / "jf_gongitsune.pt", root / "voices" / "af_heart.pt")
-    d = ModelDirDaemon(root, model_cache)
+    d = Daemon(
+        tmp_path_factory.mktemp("daemon"),
+        model_cache,
+        args=["--model-dir", str(root), "--threads", str(THREADS)],
+    )
     d.wait_ready(timeout=300)
     yield d
     assert d.stop() == 0, "".join(d.log)
