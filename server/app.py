@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from speakd.protocol import PATH
 
 from .config import Config
 from .connection import Connection
+from .fair_queue import BatchLimits
 from .g2p import LANGUAGES
 from .metrics import SpeakdMetrics
 from .pipeline import Pipeline
@@ -50,6 +52,12 @@ async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
         voices=speech.voices,
         metrics=app[METRICS],
         lane_limit=config.pipeline.max_queued_per_context,
+        batching=BatchLimits(
+            speech.max_batch,
+            max_cost=config.pipeline.max_batch_frames,
+            linger_s=config.pipeline.batch_linger_ms / 1000,
+        ),
+        encoder_workers=config.pipeline.encoder_threads or min(4, os.cpu_count() or 1),
     )
     await pipeline.start()
     app[METRICS].ready.set(1)

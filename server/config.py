@@ -88,6 +88,12 @@ class PipelineSection:
     max_queued_per_context: int = 4
     first_clause_min_words: int = 4
     max_segment_chars: int = 300
+    # Acoustic and vocoder batches across contexts: 0 = the engine's choice (1 on ONNX Runtime, which
+    # gains nothing from batches on a CPU; 4 for torch on a CPU; 64 on a GPU).
+    max_batch: int = 0
+    max_batch_frames: int = 12000  # padded frames per batch (x largest item): bounds (GPU) memory
+    batch_linger_ms: float = 4.0  # wait for batch-mates; never for a context's first segment
+    encoder_threads: int = 0  # Opus encoder threads; 0 = min(4, cores)
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,10 @@ _RULES: dict[str, _Rule] = {
     "pipeline.max_queued_per_context": _POSITIVE,
     "pipeline.first_clause_min_words": (_non_negative, "at least 0"),
     "pipeline.max_segment_chars": _POSITIVE,
+    "pipeline.max_batch": (lambda v: 0 <= v <= 1024, "between 0 (the engine's choice) and 1024"),
+    "pipeline.max_batch_frames": _POSITIVE,
+    "pipeline.batch_linger_ms": (lambda v: 0 <= v <= 1000, "between 0 and 1000"),
+    "pipeline.encoder_threads": (lambda v: 0 <= v <= 64, "between 0 (automatic) and 64"),
     "audio.opus_bitrate": (
         lambda v: v == 0 or OPUS_MIN_BITRATE <= v <= OPUS_MAX_BITRATE,
         f"0 (automatic) or between {OPUS_MIN_BITRATE} and {OPUS_MAX_BITRATE}",

@@ -20,6 +20,8 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 # Time per item or batch in a pipeline stage: 1 ms to 10 s.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Segments per batch: powers of two up to the largest max_batch allowed.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # From a context's first text to its first audio frame: 10 ms to 10 s, finest where the target lies.
 FIRST_AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
@@ -299,6 +301,14 @@ class SpeakdMetrics:
                 "Time a pipeline stage spends on one item or batch.",
                 ("stage",),
                 buckets=STAGE_BUCKETS,
+            )
+        )
+        self.batch_items = registry.register(
+            Histogram(
+                "speakd_batch_items",
+                "Segments (or windows) per batch a pipeline stage computes.",
+                ("stage",),
+                buckets=BATCH_BUCKETS,
             )
         )
         self.time_to_first_audio = registry.register(

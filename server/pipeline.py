@@ -253,6 +253,7 @@ class Stage(Generic[In, Out]):
                 outputs.extend(await self._compute(loop, [item]))
             return outputs
         self._metrics.stage_seconds.labels(stage=self.name).observe(time.perf_counter() - started)
+        self._metrics.batch_items.labels(stage=self.name).observe(len(work))
         return outputs
 
     def close(self) -> None:

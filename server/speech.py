@@ -27,6 +27,7 @@ class Speech:
     voices: VoiceBank
     g2p: EnglishG2P
     engine: Engine
+    max_batch: int  # segments per acoustic/vocoder batch this engine does well with
 
     @classmethod
     def load(cls, config: Config) -> Speech:
@@ -46,7 +47,8 @@ class Speech:
                 f"model.default_voice {config.model.default_voice!r} is not a voice of this model; "
                 f"choose one of {', '.join(voices.names)}"
             )
-        speech = cls(voices=voices, g2p=EnglishG2P(vocab), engine=_engine(config, model))
+        engine, max_batch = _engine(config, model)
+        speech = cls(voices=voices, g2p=EnglishG2P(vocab), engine=engine, max_batch=max_batch)
         logger.info(
             "model loaded in %.1f s from %s (voices: %s; default %s)",
             time.perf_counter() - started,
@@ -101,17 +103,28 @@ def choose_engine(engine: str, device: str, model_dir: bool = False) -> tuple[st
     return engine, device
 
 
-def _engine(config: Config, model: ModelFiles | ModelDir) -> Engine:
+def default_max_batch(engine: str, device: str) -> int:
+    """Batch size for pipeline.max_batch 0. ONNX Runtime runs items one by one: on a CPU a batch only
+    adds padding and delays its first item. Torch on a CPU gains from a few (fewer, larger kernels);
+    a GPU from many."""
+    if engine == "onnx":
+        return 1
+    return 64 if device.startswith("cuda") else 4
+
+
+def _engine(config: Config, model: ModelFiles | ModelDir) -> tuple[Engine, int]:
+    """The engine, and the batch size it does well with (pipeline.max_batch, or its default)."""
     # ModelSection refuses engine "onnx" with a model dir, so a ModelDir always gets torch here.
     engine, device = choose_engine(config.model.engine, config.model.device, isinstance(model, ModelDir))
+    max_batch = config.pipeline.max_batch or default_max_batch(engine, device)
     if engine == "onnx" and isinstance(model, ModelFiles):
-        logger.info("engine: onnx (ONNX Runtime, CPU)")
-        return OnnxEngine(model, config.model.threads)
+        logger.info("engine: onnx (ONNX Runtime, CPU), batches of %d", max_batch)
+        return OnnxEngine(model, config.model.threads), max_batch
     from .torch_engine import TorchEngine
 
     if isinstance(model, ModelDir):
         kmodel, weights = load_official_kmodel(model, device), f"official weights from {model.root}"
     else:
         kmodel, weights = load_kmodel(model, device), "weights converted from the embedded model"
-    logger.info("engine: torch (PyTorch KModel) on %s, %s", device, weights)
-    return TorchEngine(kmodel, device, config.model.threads)
+    logger.info("engine: torch (PyTorch KModel) on %s, %s, batches of %d", device, weights, max_batch)
+    return TorchEngine(kmodel, device, config.model.threads), max_batch

@@ -62,7 +62,13 @@ def test_defaults_without_file() -> None:
     )
     assert config.resolved_model_dir is None
     assert config.pipeline == PipelineSection(
-        max_queued_per_context=4, first_clause_min_words=4, max_segment_chars=300
+        max_queued_per_context=4,
+        first_clause_min_words=4,
+        max_segment_chars=300,
+        max_batch=0,
+        max_batch_frames=12000,
+        batch_linger_ms=4.0,
+        encoder_threads=0,
     )
     assert config.audio == AudioSection(opus_bitrate=0, opus_complexity=5)
 
@@ -270,6 +276,13 @@ def test_int_accepted_for_float_override() -> None:
         ("pipeline.max_queued_per_context", 0, 1),
         ("pipeline.first_clause_min_words", -1, 0),
         ("pipeline.max_segment_chars", 0, 1),
+        ("pipeline.max_batch", -1, 0),
+        ("pipeline.max_batch", 1025, 1024),
+        ("pipeline.max_batch_frames", 0, 1),
+        ("pipeline.batch_linger_ms", -1.0, 0.0),
+        ("pipeline.batch_linger_ms", 1000.5, 1000.0),
+        ("pipeline.encoder_threads", -1, 0),
+        ("pipeline.encoder_threads", 65, 64),
         ("audio.opus_bitrate", 5999, 6000),
         ("audio.opus_bitrate", 510001, 510000),
         ("audio.opus_bitrate", -1, 0),
@@ -338,3 +351,13 @@ def test_example_file_lists_every_key_and_loads_as_the_defaults() -> None:
     }
     assert {section: set(table) for section, table in example.items()} == expected
     assert load_config(EXAMPLE) == Config()
+
+
+def test_max_batch_zero_is_the_engines_choice() -> None:
+    from speakd.server.speech import default_max_batch
+
+    assert load_config(None).pipeline.max_batch == 0
+    assert default_max_batch("onnx", "cpu") == 1  # ONNX Runtime on a CPU: batches only add padding
+    assert default_max_batch("torch", "cpu") == 4
+    assert default_max_batch("torch", "cuda") == 64
+    assert default_max_batch("torch", "cuda:1") == 64

@@ -233,6 +233,7 @@ def test_speakd_metrics_families_and_types() -> None:
     metrics.contexts.inc()
     metrics.stage_queue_depth.labels(stage="acoustic").set_function(lambda: 4.0)
     metrics.stage_seconds.labels(stage="acoustic").observe(0.02)
+    metrics.batch_items.labels(stage="vocoder").observe(3)
     metrics.time_to_first_audio.observe(0.3)
     metrics.errors.labels(code="overloaded").inc()
     metrics.audio_seconds.inc(1.25)
@@ -246,6 +247,7 @@ def test_speakd_metrics_families_and_types() -> None:
         "speakd_connections_total": "counter",
         "speakd_stage_queue_depth": "gauge",
         "speakd_stage_seconds": "histogram",
+        "speakd_batch_items": "histogram",
         "speakd_time_to_first_audio_seconds": "histogram",
         "speakd_errors_total": "counter",
         "speakd_audio_seconds_total": "counter",
@@ -263,6 +265,8 @@ def test_speakd_metrics_families_and_types() -> None:
     assert 'speakd_stage_seconds_bucket{stage="acoustic",le="0.025"} 1.0' in samples
     assert 'speakd_stage_seconds_bucket{stage="acoustic",le="0.01"} 0.0' in samples
     assert "speakd_time_to_first_audio_seconds_count 1.0" in samples
+    assert 'speakd_batch_items_bucket{stage="vocoder",le="2.0"} 0.0' in samples
+    assert 'speakd_batch_items_bucket{stage="vocoder",le="4.0"} 1.0' in samples
     assert text.endswith("\n")
 
 
