@@ -19,6 +19,7 @@ from speakd.server.config import (
     load_config,
 )
 from speakd.server.errors import ConfigError, SpeakdError
+from speakd.server.speech import default_max_batch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "speakd.example.toml"
 
@@ -354,8 +355,6 @@ def test_example_file_lists_every_key_and_loads_as_the_defaults() -> None:
 
 
 def test_max_batch_zero_is_the_engines_choice() -> None:
-    from speakd.server.speech import default_max_batch
-
     assert load_config(None).pipeline.max_batch == 0
     assert default_max_batch("onnx", "cpu") == 1  # ONNX Runtime on a CPU: batches only add padding
     assert default_max_batch("torch", "cpu") == 4
