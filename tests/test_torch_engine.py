@@ -1,5 +1,6 @@
-"""The PyTorch engine on the real converted weights: its two stages reproduce KModel.forward_with_tokens,
-a real daemon speaks intelligibly with it, and its configuration keys are validated. Offline, no fakes."""
+"""The PyTorch engine on the real converted weights: batches keep per-item settings, a real daemon speaks
+intelligibly with it, and its configuration keys are validated. Offline, no fakes. Its numbers against
+KModel.forward_with_tokens are checked in test_torch_batch."""
 
 from __future__ import annotations
 
@@ -63,38 +64,21 @@ def requests(files: ModelFiles) -> list[AcousticRequest]:
     return [AcousticRequest(c.tokens, voices.style(VOICE, len(c.tokens)), 1.0) for c in chunks]
 
 
-def test_stages_reproduce_forward_with_tokens(
-    engine: TorchEngine, kmodel: Any, requests: list[AcousticRequest]
-) -> None:
-    assert len(requests) >= 2
-    for request in requests:
-        # SineGen draws a random phase and noise: the same seed makes both runs draw the same numbers.
-        torch.manual_seed(1234)
-        (features,) = engine.acoustic([request])
-        (audio,) = engine.vocode([features])
-        torch.manual_seed(1234)
-        ids = torch.tensor([[0, *request.tokens, 0]], dtype=torch.long)
-        expected_audio, expected_durations = kmodel.forward_with_tokens(ids, torch.from_numpy(request.style))
-
-        frames = int(expected_durations.sum())
-        assert features.durations.dtype == np.int64
-        np.testing.assert_array_equal(features.durations, expected_durations.numpy())
-        assert features.asr.shape == (1, 512, frames) and features.frames == frames
-        assert features.f0.shape == features.energy.shape == (1, 2 * frames)
-        assert features.style.shape == (1, 256)
-        for array in (features.asr, features.f0, features.energy, features.style, audio):
-            assert array.dtype == np.float32
-        assert audio.ndim == 1 and audio.shape == expected_audio.shape
-        np.testing.assert_allclose(audio, expected_audio.numpy(), rtol=1e-5, atol=1e-6)
-        assert np.abs(audio).max() > 0.05
+def test_empty_batches_give_empty_results(engine: TorchEngine) -> None:
+    assert engine.acoustic([]) == []
+    assert engine.vocode([]) == []
 
 
-def test_speed_shortens_durations(engine: TorchEngine, requests: list[AcousticRequest]) -> None:
+def test_speed_is_per_item_within_a_batch(engine: TorchEngine, requests: list[AcousticRequest]) -> None:
     request = requests[1]
-    (normal,) = engine.acoustic([request])
-    (fast,) = engine.acoustic([AcousticRequest(request.tokens, request.style, 2.0)])
+    fast_request = AcousticRequest(request.tokens, request.style, 2.0)
+    normal, fast = engine.acoustic([request, fast_request])
     assert fast.frames < normal.frames
     assert (fast.durations >= 1).all()
+    (alone,) = engine.acoustic([fast_request])
+    np.testing.assert_array_equal(fast.durations, alone.durations)
+    audio = engine.vocode([normal, fast])
+    assert [a.shape for a in audio] == [(600 * normal.frames,), (600 * fast.frames,)]
 
 
 # -- the daemon on the torch engine ------------------------------------------------------------
