@@ -11,6 +11,7 @@ from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures
 from speakd.server.windows import (
     CONTEXT_FRAMES,
     CROSSFADE_SAMPLES,
+    FIRST_RIGHT_CONTEXT_FRAMES,
     LEAD_CONTEXT_FRAMES,
     LEAD_KEEP_FRAMES,
     MIN_FIRST_FRAMES,
@@ -62,7 +63,8 @@ def test_plan_covers_each_frame_once_after_the_trimmed_lead(frames: int, rtf: fl
             assert before.end == after.start
         for w in windows:
             assert w.render_start <= w.start < w.end <= w.render_end <= frames
-            assert w.render_end == min(frames, w.end + CONTEXT_FRAMES)
+            right = CONTEXT_FRAMES if w.last else FIRST_RIGHT_CONTEXT_FRAMES
+            assert w.render_end == min(frames, w.end + right)
         assert expected_samples(windows) == (frames - windows[0].start) * SAMPLES_PER_FRAME
 
 
