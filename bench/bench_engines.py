@@ -11,7 +11,7 @@ Then the torch engine on `--batch` segments of other contexts (BATCH_TEXTS, simi
 time against all in one call per stage, interleaved round by round. Per-item figures: compute seconds
 per second of the items' own audio (padding is paid for, not counted), and batched ÷ one at a time.
 glibc's malloc maps tensors over 32 MB afresh on each allocation, so batches also pay page faults;
-MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment keeps them.
+MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment avoids them.
 """
 
 from __future__ import annotations
