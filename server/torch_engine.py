@@ -67,7 +67,8 @@ class TorchEngine:
             if self.device.type == "cuda":
                 stream = getattr(self._local, "stream", None)
                 if stream is None:
-                    stream = self._local.stream = self._torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+                    stream = self._torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+                    self._local.stream = stream
                 stack.enter_context(self._torch.cuda.stream(stream))
             yield
 
