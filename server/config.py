@@ -88,8 +88,8 @@ class PipelineSection:
     max_queued_per_context: int = 4
     first_clause_min_words: int = 4
     max_segment_chars: int = 300
-    # Acoustic and vocoder batches across contexts: 0 = the engine's choice (1 on ONNX Runtime, which
-    # gains nothing from batches on a CPU; 4 for torch on a CPU; 64 on a GPU).
+    # Acoustic and vocoder batches across contexts: 0 = the engine's choice (64 for torch on a GPU, 1 on a
+    # CPU, where batches only add padding).
     max_batch: int = 0
     max_batch_frames: int = 12000  # padded frames per batch (x largest item): bounds (GPU) memory
     batch_linger_ms: float = 4.0  # wait for batch-mates; never for a context's first segment

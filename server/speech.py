@@ -104,12 +104,11 @@ def choose_engine(engine: str, device: str, model_dir: bool = False) -> tuple[st
 
 
 def default_max_batch(engine: str, device: str) -> int:
-    """Batch size for pipeline.max_batch 0. ONNX Runtime runs items one by one: on a CPU a batch only
-    adds padding and delays its first item. Torch on a CPU gains from a few (fewer, larger kernels);
-    a GPU from many."""
-    if engine == "onnx":
-        return 1
-    return 64 if device.startswith("cuda") else 4
+    """Batch size for pipeline.max_batch 0: many on a GPU, one on a CPU. On a CPU the convolutions are
+    compute-bound already, so a batch only adds padding and delays its first item (bench_engines on 2
+    cores: torch vocoder per item 1.80x slower at batch 4 than at 1, 1.08x with glibc's mmap threshold
+    raised); ONNX Runtime runs items one by one anyway."""
+    return 64 if engine == "torch" and device.startswith("cuda") else 1
 
 
 def _engine(config: Config, model: ModelFiles | ModelDir) -> tuple[Engine, int]:

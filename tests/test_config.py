@@ -357,6 +357,6 @@ def test_example_file_lists_every_key_and_loads_as_the_defaults() -> None:
 def test_max_batch_zero_is_the_engines_choice() -> None:
     assert load_config(None).pipeline.max_batch == 0
     assert default_max_batch("onnx", "cpu") == 1  # ONNX Runtime on a CPU: batches only add padding
-    assert default_max_batch("torch", "cpu") == 4
+    assert default_max_batch("torch", "cpu") == 1  # compute-bound on a CPU: batches only add padding
     assert default_max_batch("torch", "cuda") == 64
     assert default_max_batch("torch", "cuda:1") == 64
