@@ -33,11 +33,13 @@ from speakd.server.engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeature
 from speakd.server.g2p import EnglishG2P
 from speakd.server.model_assets import prepare_embedded_model
 from speakd.server.onnx_engine import OnnxEngine
+from speakd.server.vocoder_speed import VocoderCost
 from speakd.server.voices import VoiceBank
 from speakd.server.windows import CONTEXT_FRAMES, Stitcher, Window, plan_windows
 
 VOICE = "jf_gongitsune"
-VOCODER_RTF = 0.3  # what the pipeline measures on this CPU; fixes the seams for every configuration
+# What the pipeline learns on this CPU (2 cores); fixes the seams for every configuration.
+VOCODER = VocoderCost(fixed_s=0.025, per_frame_s=0.0075)
 SEAM_FRAMES = 4  # frames each side of the seam scored as "seam"
 FLOOR_DB = 60.0
 
@@ -115,7 +117,7 @@ def main() -> int:
         chunk = g2p(text)[0]
         request = AcousticRequest(chunk.tokens, voices.style(VOICE, len(chunk.tokens)), 1.0)
         features = engine.acoustic([request])[0]
-        planned = plan_windows(features, progressive=True, vocoder_rtf=VOCODER_RTF)
+        planned = plan_windows(features, progressive=True, vocoder=VOCODER)
         if len(planned) != 2:
             print(f"skipped (one window): {text}", flush=True)
             continue

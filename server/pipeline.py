@@ -20,19 +20,19 @@ import numpy as np
 import numpy.typing as npt
 
 from .audio_encoder import Frame, FrameEncoder
-from .engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest, Engine
+from .engine import AcousticFeatures, AcousticRequest, Engine
 from .errors import SynthesisError
 from .fair_queue import BatchLimits, FairQueue
 from .g2p import EnglishG2P
 from .metrics import SpeakdMetrics
+from .vocoder_speed import VocoderCost, VocoderSpeed
 from .voices import VoiceBank
 from .windows import Stitcher, Window, plan_windows
 
 logger = logging.getLogger(__name__)
 
-SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
-RTF_SMOOTHING = 0.2  # weight of the newest vocoder speed measurement
-INITIAL_VOCODER_RTF = 0.4  # what the ONNX vocoder does on 2 CPU cores, until measured here
+# A little slower than the ONNX vocoder on 2 CPU cores, until measured here.
+INITIAL_VOCODER_COST = VocoderCost(fixed_s=0.025, per_frame_s=0.010)
 # Frames per phoneme token, to bound acoustic batches before their durations are known: about 2.5-3
 # in running speech, more in short segments (the BOS/EOS pauses).
 FRAMES_PER_TOKEN = 3
@@ -283,8 +283,8 @@ class Pipeline:
         self._g2p = g2p
         self._engine = engine
         self._voices = voices
-        # Written by the vocoder thread, read by the acoustic thread to size first windows.
-        self._vocoder_rtf = INITIAL_VOCODER_RTF
+        # Learnt in the vocoder thread, read by the acoustic thread to size first windows.
+        self._vocoder_speed = VocoderSpeed(INITIAL_VOCODER_COST)
         # Text waiting for G2P is bounded per context by the connection's text budget; the other
         # queues hold at most `lane_limit` items per context (a few more where one item expands).
         self._text_queue: FairQueue[TextItem | EndMarker] = FairQueue(None)
@@ -422,7 +422,7 @@ class Pipeline:
         for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
             # Only a context's first segment is worth splitting: later ones render while earlier
             # audio plays.
-            windows = plan_windows(feats, progressive=item.index == 0, vocoder_rtf=self._vocoder_rtf)
+            windows = plan_windows(feats, progressive=item.index == 0, vocoder=self._vocoder_speed.cost)
             stitcher = Stitcher()
             out.extend(FeaturesItem(item.job, item.index, item.text, feats, w, stitcher) for w in windows)
         return out
@@ -431,8 +431,7 @@ class Pipeline:
         started = time.perf_counter()
         rendered = self._engine.vocode([item.window.slice(item.features) for item in items])
         frames = sum(item.window.render_end - item.window.render_start for item in items)
-        rtf = (time.perf_counter() - started) / max(frames * SECONDS_PER_FRAME, 1e-3)
-        self._vocoder_rtf += RTF_SMOOTHING * (rtf - self._vocoder_rtf)
+        self._vocoder_speed.observe(frames, time.perf_counter() - started)
         return [
             WaveformItem(
                 item.job,

@@ -19,14 +19,14 @@ which costs nothing. (Measured on 30 held-out sentences: Whisper word error rate
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from .engine import SAMPLES_PER_FRAME, AcousticFeatures
+from .engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures
+from .vocoder_speed import VocoderCost
 
 CONTEXT_FRAMES = 12
 # Context the first window renders before it (the trimmed lead-in) and after its seam: every frame of
@@ -41,8 +41,9 @@ TAIL_KEEP_FRAMES = 4
 PAUSE_ENERGY = -2.5  # the energy curve sits near -5..-10 in pauses and above -2 in speech
 MIN_FIRST_FRAMES = 12  # 0.3 s
 PREBUFFER_FRAMES = 4  # the 100 ms a client buffers before it starts playing
-MIN_RTF = 0.05
-RTF_MARGIN = 1.25
+SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
+COST_MARGIN = 1.25  # the second window's render is planned at 1.25x its predicted time
+SPLIT_GAIN = 0.75  # split only if the first window renders in under 3/4 of the whole's time
 CROSSFADE_SAMPLES = 240  # 10 ms at 24 kHz; must stay well inside the context
 UNVOICED_HZ = 30.0
 SEAM_SEARCH_FRAMES = 4
@@ -94,13 +95,26 @@ def _seam(target: int, unvoiced: npt.NDArray[np.bool_], low: int, high: int) -> 
     return target
 
 
-def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder_rtf: float) -> list[Window]:
+def _first_frames(frames: int, vocoder: VocoderCost) -> int:
+    """The fewest frames (at least MIN_FIRST_FRAMES) the first window must emit so that the second
+    window, rendered after it, is ready before the first one and the client's pre-buffer have played."""
+    first = MIN_FIRST_FRAMES
+    while first < frames:
+        second_render = COST_MARGIN * vocoder.seconds(frames - first + CONTEXT_FRAMES)
+        if second_render <= (first + PREBUFFER_FRAMES) * SECONDS_PER_FRAME:
+            break
+        first += 1
+    return first
+
+
+def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder: VocoderCost) -> list[Window]:
     """One window after the trimmed lead; two if `progressive` and the split pays.
 
-    `vocoder_rtf` is the vocoder's seconds of work per second of audio (measured by the pipeline);
-    the first window is sized so that the second one's render fits in the first one's playback
-    plus the client's pre-buffer. The first window renders LEAD_CONTEXT_FRAMES of the trimmed lead-in
-    before it and FIRST_RIGHT_CONTEXT_FRAMES after it (see there for what they buy).
+    `vocoder` predicts a render's time (learnt by the pipeline); the first window is sized so that the
+    second one's render fits in the first one's playback plus the client's pre-buffer. The first
+    window renders LEAD_CONTEXT_FRAMES of the trimmed lead-in before it and FIRST_RIGHT_CONTEXT_FRAMES
+    after it (see there for what they buy). The split pays only where the first window renders in
+    under SPLIT_GAIN of the whole's time: not where a call's fixed cost dominates (a GPU).
     """
     total = features.frames
     lead = int(features.durations[0]) if features.durations.size else 0
@@ -110,21 +124,20 @@ def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder_rtf: 
     pad = total - end
     frames = end - start
     if progressive:
-        rtf = max(vocoder_rtf, MIN_RTF) * RTF_MARGIN
-        first = math.ceil(((frames + CONTEXT_FRAMES) * rtf - PREBUFFER_FRAMES) / (1.0 + rtf))
-        first = max(first, MIN_FIRST_FRAMES)
+        first = _first_frames(frames, vocoder)
         if frames - first >= MIN_FIRST_FRAMES:
             seam = _seam(start + first, unvoiced, start + MIN_FIRST_FRAMES // 2, end - 1)
-            return [
-                Window(
-                    start,
-                    seam,
-                    max(0, start - LEAD_CONTEXT_FRAMES),
-                    min(end, seam + FIRST_RIGHT_CONTEXT_FRAMES),
-                    last=False,
-                ),
-                Window(seam, end, max(start, seam - CONTEXT_FRAMES), end, last=True, pad_frames=pad),
-            ]
+            head = Window(
+                start,
+                seam,
+                max(0, start - LEAD_CONTEXT_FRAMES),
+                min(end, seam + FIRST_RIGHT_CONTEXT_FRAMES),
+                last=False,
+            )
+            whole = vocoder.seconds(end - max(0, start - CONTEXT_FRAMES))
+            if vocoder.seconds(head.render_end - head.render_start) < SPLIT_GAIN * whole:
+                tail = Window(seam, end, max(start, seam - CONTEXT_FRAMES), end, last=True, pad_frames=pad)
+                return [head, tail]
     return [Window(start, end, max(0, start - CONTEXT_FRAMES), end, last=True, pad_frames=pad)]
 
 

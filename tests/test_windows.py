@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 
 from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures
+from speakd.server.vocoder_speed import VocoderCost
 from speakd.server.windows import (
     CONTEXT_FRAMES,
+    COST_MARGIN,
     CROSSFADE_SAMPLES,
     FIRST_RIGHT_CONTEXT_FRAMES,
     LEAD_CONTEXT_FRAMES,
     LEAD_KEEP_FRAMES,
     MIN_FIRST_FRAMES,
+    SECONDS_PER_FRAME,
     TAIL_KEEP_FRAMES,
     Stitcher,
     Window,
@@ -50,12 +53,17 @@ def render(feats: AcousticFeatures, windows: list[Window]) -> np.ndarray:
     return np.concatenate([stitcher.add(w, local_vocoder(w.slice(feats))) for w in windows])
 
 
+def speed(rtf: float) -> VocoderCost:
+    """A vocoder that takes `rtf` seconds per second of audio, with no fixed cost."""
+    return VocoderCost(0.0, rtf * SECONDS_PER_FRAME)
+
+
 @pytest.mark.parametrize("frames", [30, 60, 122, 400])
 @pytest.mark.parametrize("rtf", [0.05, 0.33, 1.0])
 def test_plan_covers_each_frame_once_after_the_trimmed_lead(frames: int, rtf: float) -> None:
     feats = features(frames)
     for progressive in (False, True):
-        windows = plan_windows(feats, progressive=progressive, vocoder_rtf=rtf)
+        windows = plan_windows(feats, progressive=progressive, vocoder=speed(rtf))
         assert windows[0].start == 20 - LEAD_KEEP_FRAMES
         assert windows[-1].end == frames and windows[-1].last
         assert all(not w.last for w in windows[:-1])
@@ -69,39 +77,47 @@ def test_plan_covers_each_frame_once_after_the_trimmed_lead(frames: int, rtf: fl
 
 
 def test_single_window_is_used_unless_progressive() -> None:
-    windows = plan_windows(features(200), progressive=False, vocoder_rtf=0.33)
+    windows = plan_windows(features(200), progressive=False, vocoder=speed(0.33))
     assert len(windows) == 1
     assert windows[0].render_start == 20 - LEAD_KEEP_FRAMES - CONTEXT_FRAMES
 
 
-def test_first_window_is_short_and_the_second_fits_in_its_playback() -> None:
+@pytest.mark.parametrize("cost", [speed(0.33), VocoderCost(0.025, 0.007), VocoderCost(0.05, 0.012)])
+def test_first_window_is_short_and_the_second_fits_in_its_playback(cost: VocoderCost) -> None:
     feats = features(160)
-    rtf = 0.33
-    first, second = plan_windows(feats, progressive=True, vocoder_rtf=rtf)
+    first, second = plan_windows(feats, progressive=True, vocoder=cost)
     assert first.render_start == first.start - LEAD_CONTEXT_FRAMES  # the trimmed lead-in is context
-    first_render = (first.render_end - first.render_start) * rtf
-    second_render = (second.render_end - second.render_start) * rtf
-    whole_render = (160 - first.start + CONTEXT_FRAMES) * rtf
-    assert first_render < 0.5 * whole_render
-    # Rendering the second window takes no longer than playing the first plus the 4-frame pre-buffer.
-    assert second_render <= (first.end - first.start) + 4
+    first_render = cost.seconds(first.render_end - first.render_start)
+    whole_render = cost.seconds(160 - first.start + CONTEXT_FRAMES)
+    assert first_render < 0.6 * whole_render
+    # Rendering the second window (with the margin) takes no longer than playing the first plus the
+    # 4-frame pre-buffer, and one frame less in the first window would not leave that time.
+    second_render = COST_MARGIN * cost.seconds(second.render_end - second.render_start)
+    assert second_render <= (first.end - first.start + 4) * SECONDS_PER_FRAME
+    shorter = COST_MARGIN * cost.seconds(second.render_end - second.render_start + 1)
+    assert (
+        first.end - first.start == MIN_FIRST_FRAMES
+        or shorter > (first.end - first.start + 3) * SECONDS_PER_FRAME
+    )
 
 
 def test_a_short_segment_is_not_split() -> None:
     feats = features(20 + MIN_FIRST_FRAMES)
-    assert len(plan_windows(feats, progressive=True, vocoder_rtf=0.33)) == 1
+    assert len(plan_windows(feats, progressive=True, vocoder=speed(0.33))) == 1
 
 
 def test_seam_moves_to_a_nearby_unvoiced_frame() -> None:
-    plain = plan_windows(features(160), progressive=True, vocoder_rtf=0.33)[0].end
-    moved = plan_windows(features(160, unvoiced_at=(plain + 2,)), progressive=True, vocoder_rtf=0.33)[0].end
+    plain = plan_windows(features(160), progressive=True, vocoder=speed(0.33))[0].end
+    moved = plan_windows(features(160, unvoiced_at=(plain + 2,)), progressive=True, vocoder=speed(0.33))[
+        0
+    ].end
     assert moved == plain + 2
 
 
 @pytest.mark.parametrize("frames", [45, 122, 300])
 def test_stitching_a_local_vocoder_reproduces_the_whole_render(frames: int) -> None:
     feats = features(frames)
-    windows = plan_windows(feats, progressive=True, vocoder_rtf=0.33)
+    windows = plan_windows(feats, progressive=True, vocoder=speed(0.33))
     assert len(windows) == 2
     whole = local_vocoder(feats)[windows[0].start * SAMPLES_PER_FRAME :]
     stitched = render(feats, windows)
@@ -111,7 +127,7 @@ def test_stitching_a_local_vocoder_reproduces_the_whole_render(frames: int) -> N
 
 def test_crossfade_blends_different_renders_smoothly() -> None:
     feats = features(122)
-    first, second = plan_windows(feats, progressive=True, vocoder_rtf=0.33)
+    first, second = plan_windows(feats, progressive=True, vocoder=speed(0.33))
     stitcher = Stitcher()
     a = stitcher.add(first, np.ones((first.render_end - first.render_start) * SAMPLES_PER_FRAME, np.float32))
     b = stitcher.add(
@@ -136,7 +152,7 @@ def with_trailing_pause(frames: int, pause: int) -> AcousticFeatures:
 def test_trailing_pause_is_emitted_as_zeros_not_rendered(progressive: bool) -> None:
     frames, pause = 160, 24
     feats = with_trailing_pause(frames, pause)
-    windows = plan_windows(feats, progressive=progressive, vocoder_rtf=0.33)
+    windows = plan_windows(feats, progressive=progressive, vocoder=speed(0.33))
     last = windows[-1]
     assert last.end == frames - pause + TAIL_KEEP_FRAMES
     assert last.render_end == last.end
@@ -153,5 +169,5 @@ def test_a_pause_inside_the_segment_is_rendered() -> None:
     feats = features(160)
     feats.f0[:, 160:200] = 8.0
     feats.energy[:, 160:200] = -8.0  # frames 80..99 pause, speech resumes after
-    windows = plan_windows(feats, progressive=False, vocoder_rtf=0.33)
+    windows = plan_windows(feats, progressive=False, vocoder=speed(0.33))
     assert windows[-1].end == 160 and windows[-1].pad_frames == 0
