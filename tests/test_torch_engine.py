@@ -5,6 +5,7 @@ KModel.forward_with_tokens are checked in test_torch_batch."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from daemon import Daemon, client, token_pieces, transcribe, word_errors
+from daemon import Daemon, Utterance, client, token_pieces, transcribe, word_errors
 
 from speakd.protocol import AudioCodec, End, Start, Started, Text
 from speakd.server.config import ModelSection, load_config
@@ -86,7 +87,10 @@ def test_speed_is_per_item_within_a_batch(engine: TorchEngine, requests: list[Ac
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("daemon"), model_cache, '[model]\nengine = "torch"\n')
+    # Batches of up to 4 (on a CPU the default is 1: batching does not pay there), so the daemon's
+    # batching across connections is exercised end to end.
+    config = '[model]\nengine = "torch"\n[pipeline]\nmax_batch = 4\nbatch_linger_ms = 20.0\n'
+    d = Daemon(tmp_path_factory.mktemp("daemon"), model_cache, config)
     d.wait_ready()
     yield d
     assert d.stop() == 0, "".join(d.log)
@@ -114,6 +118,37 @@ async def test_daemon_speaks_with_the_torch_engine(daemon: Daemon) -> None:
     errors, total = word_errors(text, heard)
     assert total >= 20
     assert errors / total <= 0.2, heard
+
+
+def batch_counts(metrics: str, stage: str) -> tuple[int, int]:
+    """(batches of one item, all batches) a stage computed, from /metrics' speakd_batch_items."""
+    singles = re.search(rf'^speakd_batch_items_bucket{{stage="{stage}",le="1.0"}} (\S+)$', metrics, re.M)
+    total = re.search(rf'^speakd_batch_items_count{{stage="{stage}"}} (\S+)$', metrics, re.M)
+    assert singles and total, metrics
+    return int(float(singles[1])), int(float(total[1]))
+
+
+@pytest.mark.e2e
+async def test_daemon_batches_segments_of_several_connections(daemon: Daemon) -> None:
+    """Three connections at once: their segments share vocoder batches, and each hears its own text."""
+
+    async def speak(name: str, text: str) -> Utterance:
+        async with client(daemon.url) as c:
+            await c.send(Start(context=name))
+            await c.send(Text(context=name, text=text))
+            await c.send(End(context=name))
+            await c.until_done(name)
+            return c.utterance(name)
+
+    singles_before, total_before = batch_counts(daemon.get("/metrics")[1], "vocoder")
+    utterances = await asyncio.gather(*(speak(f"s{i}", text) for i, text in enumerate(SENTENCES)))
+    singles, total = batch_counts(daemon.get("/metrics")[1], "vocoder")
+    assert total - total_before > singles - singles_before, "no vocoder batch held more than one item"
+    for text, u in zip(SENTENCES, utterances, strict=True):
+        u.assert_complete(text, min_segments=1)
+        heard = transcribe(u.pcm(), 24000)
+        errors, count = word_errors(text, heard)
+        assert errors / count <= 0.25, heard
 
 
 # -- configuration ---------------------------------------------------------------------------------
