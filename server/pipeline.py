@@ -175,6 +175,9 @@ class Stage(Generic[In, Out]):
         finish: Callable[[EndMarker], EndMarker] | None = None,
         workers: int = 1,
     ) -> None:
+        # A worker lingering for batch-mates holds items its context is not yet marked busy with, so
+        # another worker could take that context's next item: lingering needs a single worker.
+        assert workers == 1 or limits.linger_s == 0, "a stage with several workers cannot linger"
         self.name = name
         self.inbox = inbox
         self.workers = workers
