@@ -25,7 +25,7 @@ from speakd.server.config import Config, load_config
 from speakd.server.errors import ConfigError, ModelError
 from speakd.server.g2p import EnglishG2P
 from speakd.server.kokoro_config import KMODEL_KEYS, kokoro_config
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
+from speakd.server.model_assets import ModelFiles
 from speakd.server.speech import choose_engine
 from speakd.server.torch_weights import (
     MODULE_PREFIX,
@@ -269,53 +269,45 @@ def test_a_voice_file_that_is_no_torch_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(model_cache: Path) -> Iterator[ModelFiles]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(THREADS)
-        yield prepare_embedded_model(model_cache)
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def converted(files: ModelFiles) -> dict[str, dict[str, torch.Tensor]]:
+def converted(torch_files: ModelFiles) -> dict[str, dict[str, torch.Tensor]]:
     checkpoint: dict[str, dict[str, torch.Tensor]] = torch.load(
-        prepare_torch_weights(files), weights_only=True, mmap=True
+        prepare_torch_weights(torch_files), weights_only=True, mmap=True
     )
     return checkpoint
 
 
 @pytest.fixture(scope="module")
 def official(
-    files: ModelFiles, converted: dict[str, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory
+    torch_files: ModelFiles,
+    converted: dict[str, dict[str, torch.Tensor]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """The embedded model in the official layout, with the official checkpoint's "module." prefixes."""
     root = tmp_path_factory.mktemp("kokoro-82m")
-    (root / "config.json").write_text(json.dumps(kokoro_config(files.vocab())), encoding="utf-8")
+    (root / "config.json").write_text(json.dumps(kokoro_config(torch_files.vocab())), encoding="utf-8")
     prefixed = {
         part: {MODULE_PREFIX + key: t for key, t in state.items()} for part, state in converted.items()
     }
     torch.save(prefixed, root / "kokoro-v1_0.pth")
     (root / "voices").mkdir()
-    with np.load(files.voices_npz) as archive:
+    with np.load(torch_files.voices_npz) as archive:
         for name in archive.files:
             torch.save(torch.from_numpy(archive[name].copy()), root / "voices" / f"{name}.pt")
     return root
 
 
-def test_pt_voices_match_the_embedded_ones(official: Path, files: ModelFiles) -> None:
+def test_pt_voices_match_the_embedded_ones(official: Path, torch_files: ModelFiles) -> None:
     from_pt = VoiceBank.from_pt_files(ModelDir.open(official).voices)
-    from_npz = VoiceBank.from_npz(files.voices_npz)
+    from_npz = VoiceBank.from_npz(torch_files.voices_npz)
     assert from_pt.names == from_npz.names == list(EMBEDDED_VOICES)
     for name in EMBEDDED_VOICES:
         for phonemes in (1, 37, 510, 600):
             np.testing.assert_array_equal(from_pt.style(name, phonemes), from_npz.style(name, phonemes))
 
 
-def test_official_kmodel_speaks_like_the_converted_one(official: Path, files: ModelFiles) -> None:
+def test_official_kmodel_speaks_like_the_converted_one(official: Path, torch_files: ModelFiles) -> None:
     from_dir = load_official_kmodel(ModelDir.open(official))
-    converted = load_kmodel(files)
+    converted = load_kmodel(torch_files)
     for part in PARTS:
         expected = getattr(converted, part).state_dict()
         loaded = getattr(from_dir, part).state_dict()
@@ -323,8 +315,10 @@ def test_official_kmodel_speaks_like_the_converted_one(official: Path, files: Mo
         for key, tensor in expected.items():
             assert torch.equal(loaded[key], tensor), f"{part}.{key}"
 
-    (chunk,) = EnglishG2P(files.vocab())("Hello there.")
-    style = torch.from_numpy(VoiceBank.from_npz(files.voices_npz).style("jf_gongitsune", len(chunk.tokens)))
+    (chunk,) = EnglishG2P(torch_files.vocab())("Hello there.")
+    style = torch.from_numpy(
+        VoiceBank.from_npz(torch_files.voices_npz).style("jf_gongitsune", len(chunk.tokens))
+    )
     ids = torch.tensor([[0, *chunk.tokens, 0]], dtype=torch.long)
     outputs = []
     for kmodel in (from_dir, converted):

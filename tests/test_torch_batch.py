@@ -16,9 +16,7 @@ leak from the padding would show).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 
 from speakd.server.engine import AcousticFeatures, AcousticRequest
 from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
+from speakd.server.model_assets import ModelFiles
 from speakd.server.torch_engine import TorchEngine
 from speakd.server.torch_weights import load_kmodel
 from speakd.server.voices import VoiceBank
@@ -106,19 +104,10 @@ def _reference(kmodel: Any, request: AcousticRequest) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def files(model_cache: Path) -> Iterator[ModelFiles]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        yield prepare_embedded_model(model_cache)
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def runs(files: ModelFiles) -> dict[str, Run]:
-    kmodel = load_kmodel(files, "cpu")
+def runs(torch_files: ModelFiles) -> dict[str, Run]:
+    kmodel = load_kmodel(torch_files, "cpu")
     engine = TorchEngine(kmodel, "cpu", THREADS)
-    g2p, voices = EnglishG2P(files.vocab()), VoiceBank.from_npz(files.voices_npz)
+    g2p, voices = EnglishG2P(torch_files.vocab()), VoiceBank.from_npz(torch_files.voices_npz)
     references: dict[tuple[str, str, float], Reference] = {}
     result = {}
     with pytest.MonkeyPatch.context() as patch:

@@ -20,7 +20,7 @@ from speakd.server.config import ModelSection, load_config
 from speakd.server.engine import AcousticRequest
 from speakd.server.errors import ConfigError
 from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
+from speakd.server.model_assets import ModelFiles
 from speakd.server.speech import choose_engine
 from speakd.server.torch_engine import TorchEngine
 from speakd.server.torch_weights import load_kmodel
@@ -40,17 +40,8 @@ SENTENCES = (
 
 
 @pytest.fixture(scope="module")
-def files(model_cache: Path) -> Iterator[ModelFiles]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        yield prepare_embedded_model(model_cache)
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def kmodel(files: ModelFiles) -> Any:
-    return load_kmodel(files, "cpu")
+def kmodel(torch_files: ModelFiles) -> Any:
+    return load_kmodel(torch_files, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +50,8 @@ def engine(kmodel: Any) -> TorchEngine:
 
 
 @pytest.fixture(scope="module")
-def requests(files: ModelFiles) -> list[AcousticRequest]:
-    g2p, voices = EnglishG2P(files.vocab()), VoiceBank.from_npz(files.voices_npz)
+def requests(torch_files: ModelFiles) -> list[AcousticRequest]:
+    g2p, voices = EnglishG2P(torch_files.vocab()), VoiceBank.from_npz(torch_files.voices_npz)
     chunks = [chunk for text in SHORT for chunk in g2p(text)]
     return [AcousticRequest(c.tokens, voices.style(VOICE, len(c.tokens)), 1.0) for c in chunks]
 

@@ -4,7 +4,6 @@ conversion runs once per module."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from speakd.server.engine import AcousticFeatures, AcousticRequest
 from speakd.server.errors import ModelError
 from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
+from speakd.server.model_assets import ModelFiles
 from speakd.server.onnx_engine import OnnxEngine
 from speakd.server.torch_weights import ONNX_AUDIO_GAIN, PARTS, load_kmodel, prepare_torch_weights
 from speakd.server.voices import VoiceBank
@@ -47,18 +46,8 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def files(model_cache: Path) -> Iterator[ModelFiles]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(THREADS)
-        yield prepare_embedded_model(model_cache)
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def weights(files: ModelFiles) -> Path:
-    return prepare_torch_weights(files)
+def weights(torch_files: ModelFiles) -> Path:
+    return prepare_torch_weights(torch_files)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +57,8 @@ def checkpoint(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def kmodel(files: ModelFiles, weights: Path) -> Any:
-    return load_kmodel(files)
+def kmodel(torch_files: ModelFiles, weights: Path) -> Any:
+    return load_kmodel(torch_files)
 
 
 @torch.no_grad()
@@ -115,10 +104,10 @@ def spectral_convergence(reference: F32, other: F32, n_fft: int = 1024, hop: int
 
 
 @pytest.fixture(scope="module")
-def pairs(files: ModelFiles, kmodel: Any) -> list[Pair]:
-    g2p = EnglishG2P(files.vocab())
-    voices = VoiceBank.from_npz(files.voices_npz)
-    engine = OnnxEngine(files, threads=THREADS)
+def pairs(torch_files: ModelFiles, kmodel: Any) -> list[Pair]:
+    g2p = EnglishG2P(torch_files.vocab())
+    voices = VoiceBank.from_npz(torch_files.voices_npz)
+    engine = OnnxEngine(torch_files, threads=THREADS)
     result = []
     for sentence in SENTENCES:
         (chunk,) = g2p(sentence)
@@ -157,11 +146,11 @@ def test_weights_are_finite_even_after_weight_norm(checkpoint: dict[str, dict[st
                 assert torch.isfinite(gain * tensor / norm).all(), f"{part}.{key}"
 
 
-def test_conversion_is_cached(files: ModelFiles, weights: Path) -> None:
+def test_conversion_is_cached(torch_files: ModelFiles, weights: Path) -> None:
     before = weights.stat().st_mtime_ns
-    assert prepare_torch_weights(files) == weights
+    assert prepare_torch_weights(torch_files) == weights
     assert weights.stat().st_mtime_ns == before
-    assert weights.parent == files.whole.parent
+    assert weights.parent == torch_files.whole.parent
 
 
 def test_durations_match_onnx_within_a_frame(pairs: list[Pair]) -> None:
@@ -182,14 +171,14 @@ def test_decoder_matches_onnx_vocoder_spectrally(pairs: list[Pair]) -> None:
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None], ids=["garbage", "partial"])
 def test_a_cache_that_does_not_fit_kmodel_is_a_model_error(
-    files: ModelFiles, tmp_path: Path, content: bytes | None
+    torch_files: ModelFiles, tmp_path: Path, content: bytes | None
 ) -> None:
     stale = ModelFiles(
         whole=tmp_path / "model.onnx",
-        acoustic=files.acoustic,
-        vocoder=files.vocoder,
-        vocab_json=files.vocab_json,
-        voices_npz=files.voices_npz,
+        acoustic=torch_files.acoustic,
+        vocoder=torch_files.vocoder,
+        vocab_json=torch_files.vocab_json,
+        voices_npz=torch_files.voices_npz,
     )
     cached = tmp_path / "kmodel.pth"
     if content is None:
