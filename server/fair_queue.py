@@ -16,8 +16,11 @@ class BatchLimits:
     """How big a batch a stage takes, and how long it may wait for batch-mates.
 
     `max_cost` bounds the batch as padded: batch size x its largest item's cost (a batched model pads
-    every item to the longest), so one long item cannot blow up memory. A batch holding an urgent item
-    (a context's first segment) never waits: batching must not cost time to first audio.
+    every item to the longest), so a long item cannot blow up memory with many short ones; a single
+    item over the bound still goes, alone (segments are bounded by pipeline.max_segment_chars). A
+    batch holding an urgent item (a context's first segment) never waits for batch-mates, and an
+    urgent item arriving while a batch waits ends the wait: batching must not cost time to first
+    audio.
     """
 
     max_items: int
@@ -134,6 +137,8 @@ class FairQueue(Generic[T]):
             owner = next((o for o in candidates if self._lanes[o][0][1]), candidates[0])
             item, urgent = self._lanes[owner][0]
             if not batch.fits(item):
+                # Serving order stops here: waiting longer would only hold this item (urgent or not).
+                batch.closed = True
                 break
             self._pop(owner)
             batch.add(owner, item, urgent)
@@ -162,13 +167,18 @@ class _Batch(Generic[T]):
         self.items: list[T] = []
         self.owners: set[Hashable] = set()
         self.urgent = False
+        self.closed = False  # the next item in serving order does not fit
         self._limits = limits
         self._cost = cost
         self._widest = 0
 
     @property
     def full(self) -> bool:
-        return len(self.items) >= self._limits.max_items
+        """Nothing more can join: the count is reached, the next item does not fit, or no item could
+        (every item pads to at least the widest one)."""
+        limit = self._limits.max_cost
+        padded_out = limit is not None and (len(self.items) + 1) * self._widest > limit
+        return self.closed or padded_out or len(self.items) >= self._limits.max_items
 
     def fits(self, item: T) -> bool:
         """Whether `item` keeps the padded cost within bounds; the first item always fits."""

@@ -1,8 +1,9 @@
 """The synthesis pipeline: G2P → acoustic → vocoder → encoder, stages joined by bounded fair queues.
 
-Each stage owns one worker task and one thread: heavy work never runs on the event loop, stages
-overlap (one segment is vocoded while the next one's acoustic pass runs), and a context's items
-stay in order because each stage serves a context's lane first in, first out. A cancel marks the
+Each stage owns its worker task(s) and thread(s) (one each, several for the encoder): heavy work
+never runs on the event loop, stages overlap (one segment is vocoded while the next one's acoustic
+pass runs), and a context's items stay in order because each stage serves a context's lane first
+in, first out. A cancel marks the
 job and drops its queued items in every stage; work already running finishes and is thrown away.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +139,9 @@ Out = TypeVar("Out", bound=Item)
 
 def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
     """An acoustic item's batch cost: the frames it will probably make (BOS/EOS included)."""
-    return 0 if isinstance(item, EndMarker) else FRAMES_PER_TOKEN * (len(item.tokens) + 2)
+    if isinstance(item, EndMarker):
+        return 0
+    return math.ceil(FRAMES_PER_TOKEN * (len(item.tokens) + 2) / item.job.speed)
 
 
 def _window_frames(item: FeaturesItem | EndMarker) -> int:
@@ -433,8 +437,9 @@ class Pipeline:
     def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem]:
         started = time.perf_counter()
         rendered = self._engine.vocode([item.window.slice(item.features) for item in items])
-        frames = sum(item.window.render_end - item.window.render_start for item in items)
-        self._vocoder_speed.observe(frames, time.perf_counter() - started)
+        # A batch costs what its padded size does: its items, each as long as the longest.
+        longest = max(item.window.render_end - item.window.render_start for item in items)
+        self._vocoder_speed.observe(len(items) * longest, time.perf_counter() - started)
         return [
             WaveformItem(
                 item.job,

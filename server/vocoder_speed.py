@@ -5,7 +5,8 @@ A vocoder call costs a fixed part (ONNX Runtime walks ~2000 nodes whatever the l
 first windows and long segments, overestimates long windows and underestimates short ones, so the
 first window would be sized too big (later audio) or too small (a gap). This fits both parts by
 exponentially weighted least squares over recent calls, so it follows load changes within a few
-calls; until the calls vary enough in length to separate the two, it falls back to the plain ratio.
+calls. Where recent calls are too alike in length to separate the parts (their spread is small),
+it keeps the last model's split between them and only rescales it to the recent calls' level.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECAY = 0.9  # weight kept by the past at each new call: about the last 10 calls count
-PRIOR_WEIGHT = 0.5  # the starting guess counts as half a call at each of two lengths
-PRIOR_FRAMES = (10, 100)
+# Fit both parts only if the calls' lengths vary by a coefficient of variation over ~0.22.
+MIN_RELATIVE_VARIANCE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class VocoderCost:
     fixed_s: float
     per_frame_s: float
 
-    def seconds(self, frames: int) -> float:
+    def seconds(self, frames: float) -> float:
         return self.fixed_s + self.per_frame_s * frames
 
 
@@ -33,29 +34,27 @@ class VocoderSpeed:
     (the model is one immutable object, swapped whole)."""
 
     def __init__(self, guess: VocoderCost) -> None:
-        self._sums = [0.0] * 5  # weight, x, y, x*x, x*y
-        for frames in PRIOR_FRAMES:
-            self._add(frames, guess.seconds(frames), PRIOR_WEIGHT)
-        self.cost = guess
+        self._sums = [0.0] * 5  # weight, x, y, x*x, x*y of recent calls, decayed
+        self.cost = guess  # until calls tell apart the two parts, their split is the guess's
 
     def observe(self, frames: int, seconds: float) -> None:
         """One vocoder call rendered `frames` frames (all its items together) in `seconds`."""
         if frames <= 0 or seconds <= 0:
             return
-        self._sums = [s * DECAY for s in self._sums]
-        self._add(frames, seconds, 1.0)
+        new = (1.0, frames, seconds, frames * frames, frames * seconds)
+        self._sums = [DECAY * old + value for old, value in zip(self._sums, new, strict=True)]
         self.cost = self._fit()
-
-    def _add(self, x: float, y: float, weight: float) -> None:
-        for i, value in enumerate((1.0, x, y, x * x, x * y)):
-            self._sums[i] += weight * value
 
     def _fit(self) -> VocoderCost:
         w, x, y, xx, xy = self._sums
-        spread = w * xx - x * x
-        if spread > 1e-9 * w * xx:
-            per_frame = (w * xy - x * y) / spread
-            fixed = (y - per_frame * x) / w
-            if per_frame > 0 and fixed >= 0:
-                return VocoderCost(fixed, per_frame)
-        return VocoderCost(0.0, y / x)  # lengths too alike (or a fit that makes no sense): the ratio
+        mean_x, mean_y = x / w, y / w
+        variance = xx / w - mean_x * mean_x
+        if variance > MIN_RELATIVE_VARIANCE * mean_x * mean_x:
+            per_frame = (xy / w - mean_x * mean_y) / variance
+            if per_frame > 0:
+                fixed = mean_y - per_frame * mean_x
+                # A negative fixed part makes no sense: the best line through zero instead.
+                return VocoderCost(fixed, per_frame) if fixed >= 0 else VocoderCost(0.0, xy / xx)
+        # Too alike (or longer calls faster, i.e. noise): the last model, rescaled to the recent level.
+        scale = mean_y / self.cost.seconds(mean_x)
+        return VocoderCost(self.cost.fixed_s * scale, self.cost.per_frame_s * scale)

@@ -173,3 +173,20 @@ async def test_items_taken_while_lingering_free_room_upstream_at_once() -> None:
     queue.put_nowait("b", "b:1")
     assert await asyncio.wait_for(getting, 1) == ["a:1", "b:1"]
     assert calls == [0, 0]
+
+
+async def test_an_urgent_arrival_that_does_not_fit_still_ends_the_lingering() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:60")
+    getting = asyncio.create_task(queue.get_batch(BatchLimits(4, max_cost=100, linger_s=30.0), everyone))
+    await asyncio.sleep(0.02)
+    queue.put_nowait("new", "new:60", urgent=True)  # 2 x 60 > 100: it goes in the next batch, at once
+    assert await asyncio.wait_for(getting, 1) == ["a:60"]
+    assert await asyncio.wait_for(queue.get_batch(BatchLimits(4, max_cost=100), everyone), 1) == ["new:60"]
+
+
+async def test_a_batch_no_item_could_join_does_not_linger() -> None:
+    queue = sized_queue()
+    queue.put_nowait("a", "a:100")
+    batch = await asyncio.wait_for(queue.get_batch(BatchLimits(4, max_cost=100, linger_s=30.0), everyone), 1)
+    assert batch == ["a:100"]
