@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from .errors import ConfigError, DependencyError, ModelError
 from .kokoro_config import KMODEL_KEYS, kokoro_config
+from .kokoro_modules import kokoro_module
 from .model_assets import ModelFiles
 
 if TYPE_CHECKING:
@@ -59,13 +60,7 @@ F32 = npt.NDArray[np.float32]
 
 def _kmodel_class() -> Any:
     """KModel, imported only when torch weights are wanted: torch is heavy and the ONNX engine needs none."""
-    # KModel falls back to the hub only when given no config or weights; this makes any slip fail offline.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from kokoro.model import KModel
-    except ImportError as exc:
-        raise DependencyError("PyTorch weights need kokoro and torch: pip install kokoro==0.9.4") from exc
-    return KModel
+    return kokoro_module("model").KModel
 
 
 def _bare_kmodel(config: dict[str, Any]) -> KModel:
