@@ -29,6 +29,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINES = frozenset({"onnx", "torch", "auto"})
 # model.device (torch engine only): "auto" picks "cuda" when PyTorch sees a GPU, else "cpu".
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# model.precision: the torch engine's vocoder in fp32, or under bf16/fp16 autocast.
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPUS_MIN_BITRATE = 6000
 OPUS_MAX_BITRATE = 510000
 # Values in error messages are shortened, but not so much that a path (model.dir) loses its middle.
@@ -70,6 +72,8 @@ class ModelSection:
     cache_dir: str = ""
     default_voice: str = "jf_gongitsune"
     threads: int = 0
+    # The torch engine's vocoder under autocast: "bf16" or "fp16" (its error: bench/gpu_check.py).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # Checked here rather than in _RULES because it spans two keys, and so no Config can hold it.
@@ -174,6 +178,7 @@ _RULES: dict[str, _Rule] = {
     ),
     "model.default_voice": (_non_empty, "a non-empty string"),
     "model.threads": (_non_negative, "at least 0 (0 = all cores)"),
+    "model.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(map(repr, PRECISIONS))}"),
     "pipeline.max_queued_per_context": _POSITIVE,
     "pipeline.first_clause_min_words": (_non_negative, "at least 0"),
     "pipeline.max_segment_chars": _POSITIVE,

@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import remove_weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import ModelError
+from .kokoro_modules import kokoro_module
 from .torch_masked import adain_resblk1d, adain_resblock1, time_mask
 
 if TYPE_CHECKING:
@@ -41,16 +44,36 @@ class AcousticBatch:
     frames: Tensor  # [B] on the CPU: sum of each item's durations
 
 
-def check_supported(kmodel: Any) -> None:
-    """Fail at load time on a KModel variant these forwards do not reproduce."""
-    from kokoro.istftnet import TorchSTFT
+def prepare(kmodel: Any) -> None:
+    """Fail at load time on a KModel variant these forwards do not reproduce, and make the iSTFTNet
+    window a buffer and fold weight norm, before the model moves to its device. This changes `kmodel`:
+    its state dict then holds plain weights instead of weight_g and weight_v.
 
+    kokoro's TorchSTFT keeps its window as a plain attribute, so `.to(device)` leaves it on the CPU and
+    every STFT and iSTFT would copy it to the GPU again."""
+    stft_class = kokoro_module("istftnet").TorchSTFT
     stft = kmodel.decoder.generator.stft
-    if not isinstance(stft, TorchSTFT) or stft.win_length != stft.filter_length:
+    if not isinstance(stft, stft_class) or stft.win_length != stft.filter_length:
         raise ModelError("the batched torch engine needs KModel's TorchSTFT (disable_complex=False)")
     norms = [m for m in kmodel.modules() if isinstance(m, torch.nn.InstanceNorm1d)]
     if any(norm.track_running_stats for norm in norms):
         raise ModelError("the batched torch engine needs instance norms without running statistics")
+    if "window" not in stft._buffers:
+        window = stft.__dict__.pop("window")
+        stft.register_buffer("window", window, persistent=False)  # not in checkpoints: rebuilt
+    # Weight norm recomputes each weight from (g, v) before every call: ~270 small kernels a vocoder
+    # pass. Folding it once gives the very same weights (the same function of g and v).
+    for module in kmodel.modules():
+        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            remove_weight_norm(module)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, so the copy does not block the host
+    (the stream orders it before the kernels that read it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _packed_lstm(lstm: Any, x: Tensor, lengths: Tensor) -> Tensor:
@@ -89,7 +112,7 @@ def acoustic(kmodel: Any, input_ids: Tensor, lengths: Tensor, style: Tensor, spe
     """Tokens [B, L] (BOS/EOS included, right-padded; lengths [B] on the CPU), styles [B, 256] and
     speeds [B] → aligned features, F0, energy and durations."""
     device, predictor = input_ids.device, kmodel.predictor
-    padding = torch.arange(input_ids.shape[1], device=device)[None, :] >= lengths.to(device)[:, None]
+    padding = torch.arange(input_ids.shape[1], device=device)[None, :] >= to_device(lengths, device)[:, None]
     hidden = kmodel.bert(input_ids, attention_mask=(~padding).int())
     d_en = kmodel.bert_encoder(hidden).transpose(-1, -2)
     prosody = style[:, 128:]
@@ -109,23 +132,44 @@ def acoustic(kmodel: Any, input_ids: Tensor, lengths: Tensor, style: Tensor, spe
     return AcousticBatch(asr=asr, f0=f0, energy=energy, durations=durations, frames=frames)
 
 
-def _harmonic_spectrum(generator: Any, f0: Tensor, f0_lengths: list[int]) -> Tensor:
+def _harmonic_spectrum(generator: Any, f0: Tensor, f0_steps: list[int]) -> Tensor:
     """The harmonic source's STFT, magnitude and phase stacked: [B, n_fft + 2, K], zero beyond each
-    item's frames.
+    item's frames. f0 [B, S] is zero beyond each item's f0_steps.
 
-    Per item at its own length, as KModel computes it alone (it is tiny next to the generator): the
-    STFT's reflect padding must mirror each item's own end, and the phase is ill-conditioned. Frames at
-    either end are symmetric, so their spectrum is real and torch.angle returns ±π by the sign of a
-    rounding error; only the very same float ops as the unbatched run give the same phase."""
-    hop = generator.stft.hop_length
+    Each item must compute exactly what it computes alone: frames at either end of an item are
+    symmetric, so their spectrum is real and torch.angle returns ±π by the sign of a rounding error.
+    So the batch runs KModel's own modules, and:
+    - SineGen runs on the whole batch. Its phase is a cumulative sum over F0 steps; zero F0 in the
+      padding adds exact zeros, so past an item's end the phase stays at its last value, and the linear
+      upsampling of the phase reads there the very value it reads alone (where it clamps);
+    - the 9 → 1 harmonic merge (a Linear and tanh) runs per item: a matrix product's rounding depends
+      on its row count, and 1-ulp differences in the source would flip those ±π;
+    - the STFT's centre padding reflects each item's own end: the batch's reflection is right at every
+      item's start, and the samples after each item's end are rewritten as its reflection;
+    - frames past an item's end are zeroed: the convolutions that read them alone see zeros there."""
+    stft, source_module = generator.stft, generator.m_source
+    n_fft, hop, pad = stft.filter_length, stft.hop_length, stft.filter_length // 2
     per_step = int(generator.f0_upsamp.scale_factor)  # samples per F0 step
-    spectrum = f0.new_zeros(f0.shape[0], generator.post_n_fft + 2, f0.shape[-1] * per_step // hop + 1)
-    for i, steps in enumerate(f0_lengths):
-        upsampled = generator.f0_upsamp(f0[i : i + 1, None, :steps]).transpose(1, 2)
-        source, _, _ = generator.m_source(upsampled)
-        magnitude, phase = generator.stft.transform(source.transpose(1, 2).squeeze(1))
-        spectrum[i, :, : magnitude.shape[-1]] = torch.cat([magnitude, phase], dim=1)[0]
-    return spectrum
+    upsampled = generator.f0_upsamp(f0[:, None]).transpose(1, 2)  # [B, N, 1]
+    sines, _, _ = source_module.l_sin_gen(upsampled)  # [B, N, harmonics]
+    source = sines.new_zeros(sines.shape[0], sines.shape[1] + 2 * pad)
+    for i, steps in enumerate(f0_steps):
+        merged = source_module.l_tanh(source_module.l_linear(sines[i : i + 1, : steps * per_step]))
+        source[i, pad : pad + steps * per_step] = merged[0, :, 0]
+    ends = to_device(torch.tensor(f0_steps), f0.device)[:, None] * per_step  # each item's sample count
+    offsets = torch.arange(1, pad + 1, device=f0.device)[None, :]
+    # Reflections: padded position pad - j holds sample j, and position ends + pad - 1 + j holds
+    # sample ends - 1 - j, for j = 1 … pad.
+    source[:, :pad] = source[:, pad + 1 : 2 * pad + 1].flip(1)
+    source.scatter_(1, ends + pad - 1 + offsets, source.gather(1, ends + pad - 1 - offsets))
+    spectrum = torch.stft(
+        source, n_fft, hop, n_fft, window=stft.window, center=False, return_complex=True
+    )  # [B, n_fft/2 + 1, N/hop + 1]
+    frames = torch.arange(spectrum.shape[-1], device=f0.device)[None, None, :]
+    valid = frames <= ends[:, :, None] // hop
+    magnitude = torch.where(valid, torch.abs(spectrum), 0.0)
+    phase = torch.where(valid, torch.angle(spectrum), 0.0)
+    return torch.cat([magnitude, phase], dim=1)
 
 
 def per_item_istft(stft: Any, magnitude: Tensor, phase: Tensor, frame_mask: Tensor) -> Tensor:
@@ -148,10 +192,13 @@ def per_item_istft(stft: Any, magnitude: Tensor, phase: Tensor, frame_mask: Tens
 
 
 def _generate(
-    generator: Any, x: Tensor, timbre: Tensor, f0: Tensor, mask: Tensor, f0_lengths: list[int]
+    generator: Any, x: Tensor, timbre: Tensor, f0: Tensor, mask: Tensor, f0_steps: Tensor
 ) -> Tensor:
     """The iSTFTNet generator on decoder output x (zero padding) at the F0 rate → audio [B, N]."""
-    har = _harmonic_spectrum(generator, f0, f0_lengths)
+    # Under autocast (bf16/fp16) the source and the STFTs stay in fp32: the source's phase is a sum
+    # of ~1e5 rad, and half-precision cuFFT takes only powers of two (n_fft is 20).
+    with torch.autocast(f0.device.type, enabled=False):
+        har = _harmonic_spectrum(generator, f0.float(), f0_steps)
     kernels = generator.num_kernels
     for i, (up, noise_conv, noise_res) in enumerate(
         zip(generator.ups, generator.noise_convs, generator.noise_res, strict=True)
@@ -170,7 +217,9 @@ def _generate(
         x = total / kernels * mask  # the next upsampler or conv_post reads across the item's end
     x = generator.conv_post(F.leaky_relu(x))
     bins = generator.post_n_fft // 2 + 1
-    return per_item_istft(generator.stft, torch.exp(x[:, :bins]), torch.sin(x[:, bins:]), mask)
+    with torch.autocast(x.device.type, enabled=False):
+        x, mask = x.float(), mask.float()
+        return per_item_istft(generator.stft, torch.exp(x[:, :bins]), torch.sin(x[:, bins:]), mask)
 
 
 def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor, frames: Tensor) -> Tensor:
@@ -178,7 +227,7 @@ def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor,
     and frame counts [B] on the CPU → audio [B, 600·T]; item i's audio is its first 600·frames[i]
     samples."""
     decoder = kmodel.decoder
-    mask = time_mask(frames.to(asr.device), asr.shape[-1], asr.dtype)
+    mask = time_mask(to_device(frames, asr.device), asr.shape[-1], asr.dtype)
     f0_down = decoder.F0_conv(f0[:, None])
     energy_down = decoder.N_conv(energy[:, None])
     x, _ = adain_resblk1d(decoder.encode, torch.cat([asr, f0_down, energy_down], dim=1), timbre, mask)
@@ -189,5 +238,5 @@ def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor,
             x = torch.cat([x, asr_res, f0_down, energy_down], dim=1)
         x, mask = adain_resblk1d(block, x, timbre, mask)
         upsampled = upsampled or block.upsample_type != "none"
-    f0_lengths = (frames * (f0.shape[-1] // asr.shape[-1])).tolist()
-    return _generate(decoder.generator, x * mask, timbre, f0, mask, f0_lengths)
+    f0_steps = (frames * (f0.shape[-1] // asr.shape[-1])).tolist()
+    return _generate(decoder.generator, x * mask, timbre, f0, mask, f0_steps)

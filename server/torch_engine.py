@@ -5,7 +5,9 @@ batch-1 `forward_with_tokens` (tests/test_torch_batch.py is the oracle). Feature
 float32 numpy arrays on the CPU, so the pipeline and its windowing are engine-agnostic.
 
 On CUDA each calling thread (the acoustic and the vocoder stage) gets its own stream, so the two stages
-overlap on the GPU. fp32 throughout: half precision and CUDA graphs are left out until measured on a GPU.
+overlap on the GPU; inputs go up from pinned memory without blocking, and each call synchronises once,
+when its results are read. The vocoder may run under bf16/fp16 autocast (bench/gpu_check.py measures
+the error); CUDA graphs are left out until measured on a GPU.
 
 Audio is KModel's own: 1/ONNX_AUDIO_GAIN (2/3) the level of the ONNX engine's (see torch_weights).
 """
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from .config import PRECISIONS
 from .engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 
 if TYPE_CHECKING:
@@ -40,46 +43,64 @@ def _padded(arrays: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32
 
 
 class TorchEngine:
-    """Both stages batched: items of different lengths share one padded forward pass."""
+    """Both stages batched: items of different lengths share one padded forward pass.
 
-    def __init__(self, kmodel: Any, device: str = "cpu", threads: int = 0) -> None:
+    `precision` bf16 or fp16 runs the vocoder's convolutions under autocast (the harmonic source and
+    both STFTs stay in fp32, as do AdaIN statistics); the acoustic stage always runs in fp32: it is ~5 %
+    of the FLOPs, and its durations are rounded, so half precision would move frames for nothing."""
+
+    def __init__(self, kmodel: Any, device: str = "cpu", threads: int = 0, precision: str = "fp32") -> None:
         import torch
 
         from . import torch_batch
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self._torch = torch
         self._batch = torch_batch
         self.device = torch.device(device)
+        self.precision = precision
+        self._cuda = self.device.type == "cuda"
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # Process-wide: both stage threads share one intra-op pool (ONNX gives each stage `threads`).
         torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch_batch.prepare(kmodel)  # before the move: it turns the STFT window into a buffer
         self._kmodel = kmodel.to(self.device).eval()
-        torch_batch.check_supported(self._kmodel)
         self._local = threading.local()
-        if self.device.type == "cuda":
+        if self._cuda:
             torch.cuda.synchronize(self.device)  # weights uploaded before other streams read them
-        logger.info("batched torch engine on %s", self.device)
+        logger.info("batched torch engine on %s, vocoder in %s", self.device, precision)
 
     @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        """No autograd; on CUDA, this thread's own stream."""
+    def _running(self, autocast: bool = False) -> Iterator[None]:
+        """No autograd; on CUDA, this thread's own stream: the acoustic and vocoder stages each call
+        from one thread of their own, so they overlap on the GPU. Every tensor a call uses is made on
+        its thread's stream (weights were synchronised at load), so no memory crosses streams."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._torch.inference_mode())
-            if self.device.type == "cuda":
+            if self._cuda:
                 stream = getattr(self._local, "stream", None)
                 if stream is None:
                     stream = self._torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
                     self._local.stream = stream
                 stack.enter_context(self._torch.cuda.stream(stream))
+            if autocast and self._autocast_dtype is not None:
+                stack.enter_context(self._torch.autocast(self.device.type, dtype=self._autocast_dtype))
             yield
 
     def _tensor(self, array: npt.NDArray[Any]) -> torch.Tensor:
-        return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        """Host → device; on CUDA from pinned memory, without waiting (the stream orders the copy)."""
+        return self._batch.to_device(self._torch.from_numpy(np.ascontiguousarray(array)), self.device)
 
-    @staticmethod
-    def _numpy(tensor: torch.Tensor) -> npt.NDArray[np.float32]:
-        """One device-to-host copy per batch tensor (synchronous on this thread's stream)."""
-        result: npt.NDArray[np.float32] = tensor.float().cpu().numpy()
-        return result
+    def _fetch(self, *tensors: torch.Tensor) -> list[npt.NDArray[Any]]:
+        """Device → host; on CUDA all copies are queued into pinned memory, then one synchronisation."""
+        if not self._cuda:
+            return [tensor.numpy() for tensor in tensors]
+        hosts = [self._torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, tensor in zip(hosts, tensors, strict=True):
+            host.copy_(tensor, non_blocking=True)
+        self._torch.cuda.current_stream(self.device).synchronize()
+        return [host.numpy() for host in hosts]
 
     def acoustic(self, batch: Sequence[AcousticRequest]) -> list[AcousticFeatures]:
         if not batch:
@@ -98,8 +119,9 @@ class TorchEngine:
                 self._tensor(np.concatenate(styles)),
                 self._tensor(speeds),
             )
-            asr, f0, energy = self._numpy(out.asr), self._numpy(out.f0), self._numpy(out.energy)
-            durations = out.durations.cpu().numpy()
+            asr, f0, energy, durations = self._fetch(
+                out.asr.float(), out.f0.float(), out.energy.float(), out.durations
+            )
         frames = out.frames.tolist()
         return [
             AcousticFeatures(
@@ -117,15 +139,14 @@ class TorchEngine:
             return []
         frames = [features.frames for features in batch]
         styles = np.concatenate([np.asarray(f.style, dtype=np.float32).reshape(1, -1) for f in batch])
-        with self._running():
-            audio = self._numpy(
-                self._batch.vocode(
-                    self._kmodel,
-                    self._tensor(_padded([f.asr for f in batch])),
-                    self._tensor(_padded([f.f0 for f in batch])),
-                    self._tensor(_padded([f.energy for f in batch])),
-                    self._tensor(styles[:, :128]),
-                    self._torch.tensor(frames, dtype=self._torch.long),
-                )
+        with self._running(autocast=True):
+            audio = self._batch.vocode(
+                self._kmodel,
+                self._tensor(_padded([f.asr for f in batch])),
+                self._tensor(_padded([f.f0 for f in batch])),
+                self._tensor(_padded([f.energy for f in batch])),
+                self._tensor(styles[:, :128]),
+                self._torch.tensor(frames, dtype=self._torch.long),
             )
-        return [audio[i, : SAMPLES_PER_FRAME * n].copy() for i, n in enumerate(frames)]
+            (host,) = self._fetch(audio.float())
+        return [host[i, : SAMPLES_PER_FRAME * n].copy() for i, n in enumerate(frames)]

@@ -274,6 +274,8 @@ def test_int_accepted_for_float_override() -> None:
         ("model.engine", "tensorrt", "torch"),
         ("model.default_voice", "", "af_heart"),
         ("model.threads", -1, 0),
+        ("model.precision", "half", "fp16"),
+        ("model.precision", "FP32", "bf16"),
         ("pipeline.max_queued_per_context", 0, 1),
         ("pipeline.first_clause_min_words", -1, 0),
         ("pipeline.max_segment_chars", 0, 1),

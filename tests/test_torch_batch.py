@@ -16,11 +16,9 @@ leak from the padding would show).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import torch
 
@@ -28,12 +26,21 @@ from speakd.server.engine import AcousticFeatures, AcousticRequest
 from speakd.server.g2p import EnglishG2P
 from speakd.server.model_assets import ModelFiles
 from speakd.server.torch_engine import TorchEngine
+from speakd.server.torch_oracle import (
+    AUDIO_TOLERANCE,
+    FEATURE_TOLERANCE,
+    HARMONIC_TOLERANCE,
+    OracleRun,
+    Reference,
+    fixed_randomness,
+    harmonic_check,
+    relative_error,
+    run_oracle,
+)
 from speakd.server.torch_weights import load_kmodel
 from speakd.server.voices import VoiceBank
 
 THREADS = 2
-FEATURE_TOLERANCE = 1e-5  # x peak of each curve (measured worst: 2.2e-6)
-AUDIO_TOLERANCE = 1e-4  # x peak of the reference audio (measured worst: 4.3e-6)
 # (text, voice, speed). Short: fp32 torch vocodes at ~0.4x real time on a 2-core CPU.
 MIXES: dict[str, list[tuple[str, str, float]]] = {
     "one item": [("Hello there.", "jf_alpha", 1.0)],
@@ -49,90 +56,29 @@ MIXES: dict[str, list[tuple[str, str, float]]] = {
     ],
 }
 
-F32 = npt.NDArray[np.float32]
 
-
-@dataclass(frozen=True)
-class Reference:
-    """forward_with_tokens' audio and durations, and the features it handed its decoder."""
-
-    audio: F32
-    features: AcousticFeatures
-
-
-@dataclass(frozen=True)
-class Run:
-    requests: list[AcousticRequest]
-    features: list[AcousticFeatures]  # the batched acoustic stage
-    audio: list[F32]  # the batched vocoder on the references' features
-    references: list[Reference]
-
-
-def _fixed_randomness(patch: pytest.MonkeyPatch) -> None:
-    """torch.rand / torch.randn_like (SineGen's phase and noise) from fixed tables, row-independent."""
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(600 * 400, 9, generator=generator)  # up to 10 s at 24 kHz, 9 harmonics
-    phase = torch.rand(9, generator=generator)
-
-    def rand(*size: int, device: Any = None, **_: Any) -> torch.Tensor:
-        rows, columns = size
-        return phase[:columns].expand(rows, columns).to(device).clone()
-
-    def randn_like(like: torch.Tensor, **_: Any) -> torch.Tensor:
-        batch, samples, columns = like.shape
-        return noise[:samples, :columns].expand(batch, samples, columns).to(like).clone()
-
-    patch.setattr(torch, "rand", rand)
-    patch.setattr(torch, "randn_like", randn_like)
-
-
-def _reference(kmodel: Any, request: AcousticRequest) -> Reference:
-    captured: dict[str, tuple[torch.Tensor, ...]] = {}
-
-    def capture(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
-        captured["args"] = args
-
-    handle = kmodel.decoder.register_forward_pre_hook(capture)
-    try:
-        ids = torch.tensor([[0, *request.tokens, 0]], dtype=torch.long)
-        audio, durations = kmodel.forward_with_tokens(ids, torch.from_numpy(request.style), request.speed)
-    finally:
-        handle.remove()
-    asr, f0, energy, _ = (t.numpy() for t in captured["args"])
-    features = AcousticFeatures(asr, f0, energy, request.style, durations.numpy().astype(np.int64))
-    return Reference(audio.numpy(), features)
+@pytest.fixture(scope="module")
+def kmodel(torch_files: ModelFiles) -> Any:
+    return load_kmodel(torch_files, "cpu")
 
 
 @pytest.fixture(scope="module")
-def runs(torch_files: ModelFiles) -> dict[str, Run]:
-    kmodel = load_kmodel(torch_files, "cpu")
+def runs(torch_files: ModelFiles, kmodel: Any) -> dict[str, OracleRun]:
     engine = TorchEngine(kmodel, "cpu", THREADS)
     g2p, voices = EnglishG2P(torch_files.vocab()), VoiceBank.from_npz(torch_files.voices_npz)
-    references: dict[tuple[str, str, float], Reference] = {}
+    references: dict[Any, Reference] = {}
     result = {}
-    with pytest.MonkeyPatch.context() as patch:
-        _fixed_randomness(patch)
-        for name, mix in MIXES.items():
-            requests = []
-            for text, voice, speed in mix:
-                (chunk,) = g2p(text)
-                requests.append(AcousticRequest(chunk.tokens, voices.style(voice, len(chunk.tokens)), speed))
-                if (text, voice, speed) not in references:
-                    references[text, voice, speed] = _reference(kmodel, requests[-1])
-            mine = [references[key] for key in mix]
-            features = engine.acoustic(requests)
-            audio = engine.vocode([r.features for r in mine])
-            result[name] = Run(requests, features, audio, mine)
+    for name, mix in MIXES.items():
+        requests = []
+        for text, voice, speed in mix:
+            (chunk,) = g2p(text)
+            requests.append(AcousticRequest(chunk.tokens, voices.style(voice, len(chunk.tokens)), speed))
+        result[name] = run_oracle(engine, kmodel, requests, references)
     return result
 
 
-def _relative_error(actual: F32, expected: F32) -> float:
-    assert actual.shape == expected.shape
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
 @pytest.mark.parametrize("mix", MIXES)
-def test_batched_acoustic_matches_kmodel(runs: dict[str, Run], mix: str) -> None:
+def test_batched_acoustic_matches_kmodel(runs: dict[str, OracleRun], mix: str) -> None:
     run = runs[mix]
     assert len(run.features) == len(run.requests)
     for request, features, reference in zip(run.requests, run.features, run.references, strict=True):
@@ -152,21 +98,21 @@ def test_batched_acoustic_matches_kmodel(runs: dict[str, Run], mix: str) -> None
             (features.f0, expected.f0),
             (features.energy, expected.energy),
         ):
-            assert _relative_error(got, want) <= FEATURE_TOLERANCE
+            assert relative_error(got, want) <= FEATURE_TOLERANCE
 
 
 @pytest.mark.parametrize("mix", MIXES)
-def test_batched_vocoder_matches_kmodel(runs: dict[str, Run], mix: str) -> None:
+def test_batched_vocoder_matches_kmodel(runs: dict[str, OracleRun], mix: str) -> None:
     run = runs[mix]
     assert len(run.audio) == len(run.references)
     for audio, reference in zip(run.audio, run.references, strict=True):
         assert audio.dtype == np.float32 and audio.ndim == 1
         assert audio.shape == (600 * reference.features.frames,) == reference.audio.shape
         assert np.abs(reference.audio).max() > 0.05
-        assert _relative_error(audio, reference.audio) <= AUDIO_TOLERANCE
+        assert relative_error(audio, reference.audio) <= AUDIO_TOLERANCE
 
 
-def test_mixes_pad_every_item_but_the_longest(runs: dict[str, Run]) -> None:
+def test_mixes_pad_every_item_but_the_longest(runs: dict[str, OracleRun]) -> None:
     """The oracle means something only if batches really are padded: lengths differ within mixes."""
     two = runs["two very different lengths"]
     assert len(two.requests[1].tokens) >= 5 * len(two.requests[0].tokens)
@@ -217,3 +163,95 @@ def test_per_item_istft_is_torch_istft_of_each_item() -> None:
         alone = stft.inverse(magnitude[i : i + 1, :, :k], phase[i : i + 1, :, :k])[0, 0]
         assert alone.shape == (5 * (k - 1),)
         torch.testing.assert_close(audio[i, : alone.shape[0]], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_oracle_report_passes(runs: dict[str, OracleRun], kmodel: Any, mix: str) -> None:
+    """What bench/gpu_check.py reports on a GPU, here on the CPU."""
+    report = runs[mix].report(kmodel)
+    assert report.passed, report.as_dict()
+    assert report.items == len(MIXES[mix])
+    assert report.harmonic.phase_flips == 0
+
+
+# -- the harmonic source: batched, and still each item's own -------------------------------------------
+
+
+def _f0_curves() -> list[np.ndarray]:
+    """Voiced stretches with gaps (F0 0 Hz: SineGen's unvoiced branch), three very different lengths."""
+    curves = []
+    for i, steps in enumerate((74, 302, 10, 160)):
+        t = np.arange(steps, dtype=np.float32)
+        curve = 120 + 60 * np.sin(t / 7 + i)
+        curve[:3] = 0
+        curve[steps // 2 : steps // 2 + 5] = 0
+        curves.append(curve.astype(np.float32))
+    return curves
+
+
+def test_batched_harmonic_source_is_each_items_own(kmodel: Any) -> None:
+    check = harmonic_check(kmodel, _f0_curves())
+    assert check.phase_flips == 0
+    assert check.max_error <= HARMONIC_TOLERANCE
+    # Last-bit differences only, from the tail of vectorised atan2: a handful of ~1e6 elements.
+    assert check.mismatched <= 8
+
+
+def test_harmonic_check_catches_an_item_reflected_at_the_batchs_end(
+    kmodel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mutation check: the naive batched STFT (centre padding reflected at the batch's end, for every
+    item) must fail the check, else the check proves nothing."""
+    from speakd.server import torch_batch
+
+    def naive(generator: Any, f0: torch.Tensor, f0_steps: list[int]) -> torch.Tensor:
+        upsampled = generator.f0_upsamp(f0[:, None]).transpose(1, 2)
+        source, _, _ = generator.m_source(upsampled)
+        magnitude, phase = generator.stft.transform(source.transpose(1, 2).squeeze(1))
+        return torch.cat([magnitude, phase], dim=1)
+
+    monkeypatch.setattr(torch_batch, "_harmonic_spectrum", naive)
+    check = harmonic_check(kmodel, _f0_curves())
+    assert check.max_error > HARMONIC_TOLERANCE
+
+
+def test_prepare_makes_the_window_a_buffer_and_folds_weight_norm(kmodel: Any) -> None:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    from speakd.server import torch_batch
+
+    torch_batch.prepare(kmodel)  # again: idempotent (the engine fixture prepared it once)
+    stft = kmodel.decoder.generator.stft
+    assert "window" in stft._buffers and "window" not in stft.state_dict()
+    moved = stft.to(torch.float64)
+    assert moved.window.dtype == torch.float64  # the buffer moves with the module
+    stft.to(torch.float32)
+    hooks = [h for m in kmodel.modules() for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+    assert hooks == []
+    assert not any(name.endswith(("weight_g", "weight_v")) for name, _ in kmodel.named_parameters())
+
+
+def test_bf16_autocast_vocoder_stays_close_to_fp32(runs: dict[str, OracleRun], kmodel: Any) -> None:
+    """Under autocast only the convolutions drop to bf16: the audio keeps its shape and level. On
+    16-frame windows (0.4 s): bf16 convolutions are slow on a CPU without bf16 units."""
+    windows = [
+        AcousticFeatures(
+            f.asr[..., 8:24].copy(),
+            f.f0[..., 16:48].copy(),
+            f.energy[..., 16:48].copy(),
+            f.style,
+            f.durations,
+        )
+        for f in (ref.features for ref in runs["two very different lengths"].references)
+    ]
+    full = TorchEngine(kmodel, "cpu", THREADS)
+    half = TorchEngine(kmodel, "cpu", THREADS, precision="bf16")
+    with fixed_randomness():
+        expected, got = full.vocode(windows), half.vocode(windows)
+    for mine, reference in zip(got, expected, strict=True):
+        assert mine.dtype == np.float32 and mine.shape == reference.shape == (600 * 16,)
+        assert np.isfinite(mine).all()
+        error = relative_error(mine, reference)
+        assert 0 < error < 0.5, error  # bf16 has 8 bits of mantissa: not exact, not noise either
+        ratio = float(np.sqrt(np.mean(mine**2) / np.mean(reference**2)))
+        assert 0.8 < ratio < 1.25

@@ -202,3 +202,16 @@ def test_auto_resolves_by_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_engine("torch", "cuda:1") == ("torch", "cuda:1")
     with pytest.raises(ConfigError, match="'cuda:2'"):
         choose_engine("auto", "cuda:2")
+
+
+def test_precision_is_for_the_torch_engine_only(torch_files: ModelFiles) -> None:
+    from speakd.server.speech import _engine
+
+    config = load_config(None, {"model.engine": "onnx", "model.precision": "bf16"})
+    with pytest.raises(ConfigError, match="model.precision 'bf16' needs the torch engine"):
+        _engine(config, torch_files)
+
+
+def test_engine_refuses_an_unknown_precision(kmodel: Any) -> None:
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        TorchEngine(kmodel, "cpu", THREADS, precision="int4")
