@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -45,7 +46,6 @@ def _loaded(app: web.Application) -> tuple[Speech, Pipeline] | None:
 async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
     config = app[CONFIG]
     speech = await asyncio.to_thread(Speech.load, config)
-    await asyncio.to_thread(speech.warm_up, config.model.default_voice)
     pipeline = Pipeline(
         g2p=speech.g2p,
         engine=speech.engine,
@@ -59,6 +59,13 @@ async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
         ),
         encoder_workers=config.pipeline.encoder_threads or min(4, os.cpu_count() or 1),
     )
+    started = time.perf_counter()
+    try:
+        await pipeline.warm_up(speech.warm_up_requests(config.model.default_voice))
+    except BaseException:
+        await pipeline.close()
+        raise
+    logger.info("model warmed up in %.2f s", time.perf_counter() - started)
     await pipeline.start()
     app[METRICS].ready.set(1)
     logger.info("ready: voices %s, default %s", ", ".join(speech.voices.names), config.model.default_voice)

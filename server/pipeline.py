@@ -135,6 +135,7 @@ class EndMarker:
 Item = TextItem | PhonemesItem | FeaturesItem | WaveformItem | EncodedSegment | EndMarker
 In = TypeVar("In", bound=Item)
 Out = TypeVar("Out", bound=Item)
+T = TypeVar("T")
 
 
 def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
@@ -263,6 +264,10 @@ class Stage(Generic[In, Out]):
         self._metrics.batch_items.labels(stage=self.name).observe(len(work))
         return outputs
 
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run `function` on this stage's own thread (with one worker, the thread that serves items)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -365,6 +370,15 @@ class Pipeline:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for stage in self._stages:
             stage.close()
+
+    async def warm_up(self, requests: Sequence[AcousticRequest]) -> None:
+        """One synthesis on the acoustic and vocoder stages' own threads, before serving: lazy
+        allocations and kernel choices are made there, and on a GPU in those threads' own CUDA streams,
+        whose cached memory then serves clients (a warm-up on another thread would leave its memory
+        cached for a stream nobody uses again)."""
+        acoustic, vocoder = self._stages[1], self._stages[2]
+        features = await acoustic.call(self._engine.acoustic, requests)
+        await vocoder.call(self._engine.vocode, features)
 
     def submit(self, job: Job, text: str) -> None:
         item = TextItem(job, text, first=job.texts_submitted == 0)

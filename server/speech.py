@@ -58,14 +58,13 @@ class Speech:
         )
         return speech
 
-    def warm_up(self, voice: str) -> None:
-        """One full synthesis, so the first client does not pay for lazy allocations."""
-        started = time.perf_counter()
-        for chunk in self.g2p(WARM_UP_TEXT):
-            style = self.voices.style(voice, len(chunk.tokens))
-            features = self.engine.acoustic([AcousticRequest(chunk.tokens, style, 1.0)])
-            self.engine.vocode(features)
-        logger.info("model warmed up in %.2f s", time.perf_counter() - started)
+    def warm_up_requests(self, voice: str) -> list[AcousticRequest]:
+        """A short sentence in `voice`, for Pipeline.warm_up: the first client then does not pay for
+        lazy allocations."""
+        return [
+            AcousticRequest(chunk.tokens, self.voices.style(voice, len(chunk.tokens)), 1.0)
+            for chunk in self.g2p(WARM_UP_TEXT)
+        ]
 
 
 def _torch_cuda_available() -> bool:
@@ -117,6 +116,11 @@ def _engine(config: Config, model: ModelFiles | ModelDir) -> tuple[Engine, int]:
     engine, device = choose_engine(config.model.engine, config.model.device, isinstance(model, ModelDir))
     max_batch = config.pipeline.max_batch or default_max_batch(engine, device)
     if engine == "onnx" and isinstance(model, ModelFiles):
+        if config.model.precision != "fp32":
+            raise ConfigError(
+                f"model.precision {config.model.precision!r} needs the torch engine; the onnx engine "
+                "runs the embedded int8 model as it is (leave model.precision at 'fp32')"
+            )
         logger.info("engine: onnx (ONNX Runtime, CPU), batches of %d", max_batch)
         return OnnxEngine(model, config.model.threads), max_batch
     from .torch_engine import TorchEngine
@@ -126,4 +130,4 @@ def _engine(config: Config, model: ModelFiles | ModelDir) -> tuple[Engine, int]:
     else:
         kmodel, weights = load_kmodel(model, device), "weights converted from the embedded model"
     logger.info("engine: torch (PyTorch KModel) on %s, %s, batches of %d", device, weights, max_batch)
-    return TorchEngine(kmodel, device, config.model.threads), max_batch
+    return TorchEngine(kmodel, device, config.model.threads, config.model.precision), max_batch
