@@ -208,7 +208,7 @@ def test_precision_is_for_the_torch_engine_only(torch_files: ModelFiles) -> None
     from speakd.server.speech import _engine
 
     config = load_config(None, {"model.engine": "onnx", "model.precision": "bf16"})
-    with pytest.raises(ConfigError, match="model.precision 'bf16' needs the torch engine"):
+    with pytest.raises(ConfigError, match=r"model\.precision 'bf16' needs the torch engine"):
         _engine(config, torch_files)
 
 
