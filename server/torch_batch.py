@@ -192,7 +192,7 @@ def per_item_istft(stft: Any, magnitude: Tensor, phase: Tensor, frame_mask: Tens
 
 
 def _generate(
-    generator: Any, x: Tensor, timbre: Tensor, f0: Tensor, mask: Tensor, f0_steps: Tensor
+    generator: Any, x: Tensor, timbre: Tensor, f0: Tensor, mask: Tensor, f0_steps: list[int]
 ) -> Tensor:
     """The iSTFTNet generator on decoder output x (zero padding) at the F0 rate → audio [B, N]."""
     # Under autocast (bf16/fp16) the source and the STFTs stay in fp32: the source's phase is a sum

@@ -62,11 +62,13 @@ def fixed_randomness() -> Iterator[None]:
         batch, samples, columns = like.shape
         return noise[:samples, :columns].expand(batch, samples, columns).to(like).clone()
 
-    torch.rand, torch.randn_like = rand, randn_like
+    setattr(torch, "rand", rand)  # noqa: B010 (assigning would not type-check: torch's are overloaded)
+    setattr(torch, "randn_like", randn_like)  # noqa: B010
     try:
         yield
     finally:
-        torch.rand, torch.randn_like = real_rand, real_randn_like
+        setattr(torch, "rand", real_rand)  # noqa: B010
+        setattr(torch, "randn_like", real_randn_like)  # noqa: B010
 
 
 @dataclass(frozen=True)
