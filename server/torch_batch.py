@@ -9,7 +9,7 @@ a batch right-padded to its longest item. Padding would change every item but th
 - padded tokens get 0 frames (not clamp(min=1)), and frames take their token's features by the
   cumulative durations: the one-hot alignment matmul's exact result, without a [B, L, T] tensor;
 - every AdaIN masks its statistics and output (torch_masked), and convolutions see zero padding;
-- the harmonic source and its STFT run per item at the item's own length (see _harmonic_spectrum);
+- the harmonic source runs batched, each item's phase and STFT exactly its own (see _harmonic_spectrum);
 - the iSTFT zeroes the padding's spectrum and divides each item by its own window envelope.
 Inputs and outputs on the frame axis are zero beyond each item's frames; callers trim.
 """

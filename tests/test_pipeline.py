@@ -706,3 +706,32 @@ async def test_encoder_workers_encode_contexts_in_parallel_and_keep_each_in_orde
         assert harness.sink.delivered(c) == list(enumerate(texts[c]))
         for index, text in enumerate(texts[c]):
             assert _pcm_level(harness.sink.frames(c, index)) == pytest.approx(_level(text), abs=1e-3)
+
+
+async def test_warm_up_runs_on_the_threads_that_serve_each_stage(harness: Harness) -> None:
+    """A GPU engine keeps a CUDA stream (and its cached memory) per calling thread: the warm-up must
+    run where the stage's own work runs, not on a thread of its own."""
+    h = harness
+    threads: dict[str, list[str]] = {"acoustic": [], "vocoder": []}
+    acoustic, vocode = h.engine.acoustic, h.engine.vocode
+
+    def record_acoustic(batch: Sequence[AcousticRequest]) -> list[AcousticFeatures]:
+        threads["acoustic"].append(threading.current_thread().name)
+        return acoustic(batch)
+
+    def record_vocode(batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
+        threads["vocoder"].append(threading.current_thread().name)
+        return vocode(batch)
+
+    h.engine.acoustic, h.engine.vocode = record_acoustic, record_vocode  # type: ignore[method-assign]
+    style = _voices().style("af_fake", 5)
+    await h.pipeline.warm_up([AcousticRequest(tuple(map(ord, "Hello")), style, 1.0)])
+    assert h.engine.vocoded == ["Hello"]
+    job = h.job("a")
+    h.pipeline.submit(job, "Served after the warm-up.")
+    h.pipeline.end(job)
+    await wait_until(lambda: "a" in h.sink.ended)
+    assert len(threads["acoustic"]) >= 2 and len(threads["vocoder"]) >= 2
+    for stage, names in threads.items():
+        assert len(set(names)) == 1, names  # the warm-up's thread is the one that then served
+        assert names[0].startswith(f"speakd-{stage}"), names
