@@ -61,7 +61,8 @@ async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
     )
     started = time.perf_counter()
     try:
-        await pipeline.warm_up(speech.warm_up_requests(config.model.default_voice))
+        requests = await asyncio.to_thread(speech.warm_up_requests, config.model.default_voice)  # G2P
+        await pipeline.warm_up(requests)
     except BaseException:
         await pipeline.close()
         raise

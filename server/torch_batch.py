@@ -154,7 +154,10 @@ def _harmonic_spectrum(generator: Any, f0: Tensor, f0_steps: list[int]) -> Tenso
     sines, _, _ = source_module.l_sin_gen(upsampled)  # [B, N, harmonics]
     source = sines.new_zeros(sines.shape[0], sines.shape[1] + 2 * pad)
     for i, steps in enumerate(f0_steps):
-        merged = source_module.l_tanh(source_module.l_linear(sines[i : i + 1, : steps * per_step]))
+        # With the very strides it has alone (channels first in memory): a GEMM may pick its kernel
+        # by the leading dimension.
+        alone = sines[i : i + 1, : steps * per_step].transpose(1, 2).contiguous().transpose(1, 2)
+        merged = source_module.l_tanh(source_module.l_linear(alone))
         source[i, pad : pad + steps * per_step] = merged[0, :, 0]
     ends = to_device(torch.tensor(f0_steps), f0.device)[:, None] * per_step  # each item's sample count
     offsets = torch.arange(1, pad + 1, device=f0.device)[None, :]
@@ -191,14 +194,14 @@ def per_item_istft(stft: Any, magnitude: Tensor, phase: Tensor, frame_mask: Tens
     return torch.where(envelope > 1e-11, signal / envelope, 0.0)
 
 
-def _generate(
-    generator: Any, x: Tensor, timbre: Tensor, f0: Tensor, mask: Tensor, f0_steps: list[int]
-) -> Tensor:
-    """The iSTFTNet generator on decoder output x (zero padding) at the F0 rate → audio [B, N]."""
-    # Under autocast (bf16/fp16) the source and the STFTs stay in fp32: the source's phase is a sum
-    # of ~1e5 rad, and half-precision cuFFT takes only powers of two (n_fft is 20).
-    with torch.autocast(f0.device.type, enabled=False):
-        har = _harmonic_spectrum(generator, f0.float(), f0_steps)
+def _full_precision(device: torch.device) -> Any:
+    """A region where autocast (bf16/fp16) is off: what needs fp32 runs there on fp32 inputs."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _generate(generator: Any, x: Tensor, timbre: Tensor, har: Tensor, mask: Tensor) -> Tensor:
+    """The iSTFTNet generator on decoder output x (zero padding) and the harmonic source's spectrum →
+    audio [B, N]."""
     kernels = generator.num_kernels
     for i, (up, noise_conv, noise_res) in enumerate(
         zip(generator.ups, generator.noise_convs, generator.noise_res, strict=True)
@@ -215,11 +218,10 @@ def _generate(
         for j in range(1, kernels):
             total = total + adain_resblock1(generator.resblocks[i * kernels + j], x, timbre, mask)
         x = total / kernels * mask  # the next upsampler or conv_post reads across the item's end
-    x = generator.conv_post(F.leaky_relu(x))
     bins = generator.post_n_fft // 2 + 1
-    with torch.autocast(x.device.type, enabled=False):
-        x, mask = x.float(), mask.float()
-        return per_item_istft(generator.stft, torch.exp(x[:, :bins]), torch.sin(x[:, bins:]), mask)
+    with _full_precision(x.device):  # log-magnitudes: a bf16 conv_post would be ~3 % off in magnitude
+        x = generator.conv_post(F.leaky_relu(x.float()))
+        return per_item_istft(generator.stft, torch.exp(x[:, :bins]), torch.sin(x[:, bins:]), mask.float())
 
 
 def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor, frames: Tensor) -> Tensor:
@@ -228,8 +230,15 @@ def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor,
     samples."""
     decoder = kmodel.decoder
     mask = time_mask(to_device(frames, asr.device), asr.shape[-1], asr.dtype)
-    f0_down = decoder.F0_conv(f0[:, None])
-    energy_down = decoder.N_conv(energy[:, None])
+    f0_steps = (frames * (f0.shape[-1] // asr.shape[-1])).tolist()
+    # Under autocast (bf16/fp16) the source and the STFTs stay in fp32: the source's phase is a sum of
+    # ~1e5 rad, and half-precision cuFFT takes only powers of two (n_fft is 20). First, too: SineGen
+    # copies its harmonic numbers to the device from pageable memory, which blocks the host until the
+    # stream is idle; here that is before the decoder's kernels are queued, not after.
+    with _full_precision(asr.device):
+        har = _harmonic_spectrum(decoder.generator, f0.float(), f0_steps)
+        f0_down = decoder.F0_conv(f0[:, None])  # two tiny convolutions of the curves, kept exact
+        energy_down = decoder.N_conv(energy[:, None])
     x, _ = adain_resblk1d(decoder.encode, torch.cat([asr, f0_down, energy_down], dim=1), timbre, mask)
     asr_res = decoder.asr_res(asr)
     upsampled = False
@@ -238,5 +247,4 @@ def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor,
             x = torch.cat([x, asr_res, f0_down, energy_down], dim=1)
         x, mask = adain_resblk1d(block, x, timbre, mask)
         upsampled = upsampled or block.upsample_type != "none"
-    f0_steps = (frames * (f0.shape[-1] // asr.shape[-1])).tolist()
-    return _generate(decoder.generator, x * mask, timbre, f0, mask, f0_steps)
+    return _generate(decoder.generator, x * mask, timbre, har, mask)

@@ -66,6 +66,11 @@ class TorchEngine:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch_batch.prepare(kmodel)  # before the move: it turns the STFT window into a buffer
         self._kmodel = kmodel.to(self.device).eval()
+        for module in self._kmodel.modules():
+            if isinstance(module, torch.nn.RNNBase):
+                # .to() leaves LSTM weights uncompacted: cuDNN would compact them on every call (and
+                # kokoro's encoders do it on their first call, on a stage's stream, racing the upload).
+                module.flatten_parameters()
         self._local = threading.local()
         if self._cuda:
             torch.cuda.synchronize(self.device)  # weights uploaded before other streams read them

@@ -38,7 +38,8 @@ def masked_adain(adain: Any, x: Tensor, style: Tensor, mask: Tensor) -> Tensor:
     mean = (x * mask).sum(dim=-1, keepdim=True) / count
     centered = (x - mean) * mask
     variance = centered.square().sum(dim=-1, keepdim=True) / count
-    gamma, beta = adain.fc(style)[:, :, None].chunk(2, dim=1)
+    with torch.autocast(x.device.type, enabled=False):  # tiny, and (1 + gamma) scales everything
+        gamma, beta = adain.fc(style.float())[:, :, None].chunk(2, dim=1)
     # The norm's affine and the style's folded into one scale and shift per channel: fewer passes.
     scale = (1 + gamma) * torch.rsqrt(variance + norm.eps)
     shift = beta

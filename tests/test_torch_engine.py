@@ -135,11 +135,17 @@ async def test_daemon_batches_segments_of_several_connections(daemon: Daemon) ->
     utterances = await asyncio.gather(*(speak(f"s{i}", text) for i, text in enumerate(SENTENCES)))
     singles, total = batch_counts(daemon.get("/metrics")[1], "vocoder")
     assert total - total_before > singles - singles_before, "no vocoder batch held more than one item"
+    # Whisper tiny.en on accented speech with SineGen's random noise: one sentence may lose 3 of its 9
+    # words ("a rare dish" heard as "aware of this"), so the bound is on all three together, and each
+    # must still be mostly right (its own text, not a batch-mate's).
+    total_errors = total_words = 0
     for text, u in zip(SENTENCES, utterances, strict=True):
         u.assert_complete(text, min_segments=1)
         heard = transcribe(u.pcm(), 24000)
         errors, count = word_errors(text, heard)
-        assert errors / count <= 0.25, heard
+        assert errors / count <= 0.4, heard
+        total_errors, total_words = total_errors + errors, total_words + count
+    assert total_errors / total_words <= 0.2
 
 
 # -- configuration ---------------------------------------------------------------------------------
