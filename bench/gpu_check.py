@@ -32,7 +32,6 @@ import math
 import platform
 import statistics
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -47,6 +46,13 @@ MIB = 2**20
 
 class SectionTimeout(Exception):
     """A section ran out of its share of the time budget."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    """The device's memory ran out: PyTorch's own error, or a library's allocation failure (cuDNN,
+    cuBLAS and cuFFT raise plain RuntimeErrors)."""
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 class Report:
@@ -75,12 +81,11 @@ class Report:
         status = "ok"
         try:
             yield record
-        except torch.cuda.OutOfMemoryError as exc:
-            status, record["error"] = "oom", str(exc).splitlines()[0]
         except SectionTimeout as exc:
             status, record["error"] = "timeout", str(exc)
         except Exception as exc:
-            status, record["error"] = "failed", f"{type(exc).__name__}: {exc}"
+            status = "oom" if is_oom(exc) else "failed"
+            record["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             traceback.print_exc()
         finally:
             with contextlib.suppress(Exception):
@@ -199,6 +204,7 @@ class Bench:
         shift = (low + high) / 2
         with torch.no_grad():
             predictor.duration_proj.linear_layer.bias += shift
+        self.synchronize()  # edited on this thread's stream; the engine reads on its own
         features = self.engine.acoustic(batch)
         f0_all = real["voiced_share"] * real["f0_voiced_mean"]
         f0_square = real["voiced_share"] * (real["f0_voiced_std"] ** 2 + real["f0_voiced_mean"] ** 2)
@@ -213,6 +219,7 @@ class Bench:
             with torch.no_grad():
                 projection.weight *= scale
                 projection.bias.fill_(mean - scale * float(raw.mean()))
+        self.synchronize()
         features = self.engine.acoustic(batch)
         f0 = self.np.concatenate([f.f0[0] for f in features])
         tokens = sum(len(r.tokens) + 2 for r in batch)
@@ -238,9 +245,13 @@ class Bench:
         return self.torch.cuda.max_memory_allocated(self.device) / MIB if self.cuda else None
 
 
-def tf32(torch: Any, enabled: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+def tf32_flags(torch: Any) -> tuple[bool, bool]:
+    """(matmul, cuDNN) TF32: PyTorch's defaults are off and on, which is what the daemon runs with."""
+    return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_tf32(torch: Any, flags: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def smoke(bench: Bench, record: dict[str, Any]) -> None:
@@ -270,24 +281,26 @@ def oracle(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) -
         ],
         "voices and speeds": bench.requests(3 if bench.args.quick else 8, speeds=(1.0, 1.2, 0.8), offset=7),
     }
-    passed = True
+    record["passed"] = False  # the fp32 tolerances, judged on the TF32-off run; TF32's are reported
     settings = (("tf32_off", False), ("tf32_on", True)) if bench.cuda else (("tf32_off", False),)
-    for label, enabled in settings:  # TF32 is a CUDA setting: on a CPU one run says it all
-        tf32(torch, enabled)
-        cache: dict[Any, Any] = {}  # references too: TF32 changes KModel's own results
-        reports = {}
-        for name, requests in mixes.items():
-            check(f"{label} {name}")
-            reports[name] = (
-                run_oracle(bench.engine, bench.kmodel, requests, cache).report(bench.kmodel).as_dict()
+    defaults = tf32_flags(torch)
+    try:
+        for label, enabled in settings:  # TF32 is a CUDA setting: on a CPU one run says it all
+            set_tf32(torch, (enabled, enabled))
+            cache: dict[Any, Any] = {}  # references too: TF32 changes KModel's own results
+            record[label] = reports = {}  # filled as it goes: a timeout keeps what was done
+            for name, requests in mixes.items():
+                check(f"{label} {name}")
+                run = run_oracle(bench.engine, bench.kmodel, requests, cache)
+                reports[name] = run.report(bench.kmodel).as_dict()
+            worst = {key: max(r[key] for r in reports.values()) for key in ("feature_error", "audio_error")}
+            print(
+                f"   {label}: {json.dumps(worst)}; all passed: {all(r['passed'] for r in reports.values())}"
             )
-        record[label] = reports
-        worst = {key: max(r[key] for r in reports.values()) for key in ("feature_error", "audio_error")}
-        print(f"   {label}: {json.dumps(worst)}; all passed: {all(r['passed'] for r in reports.values())}")
-        if not enabled:
-            passed = all(r["passed"] for r in reports.values())
-    tf32(torch, False)
-    record["passed"] = passed  # the tolerances hold for fp32; TF32's errors are reported, not judged
+            if not enabled:
+                record["passed"] = all(r["passed"] for r in reports.values())
+    finally:
+        set_tf32(torch, defaults)
 
 
 def time_stages(bench: Bench, batch: list[Any], rounds: int) -> tuple[list[float], list[float], list[Any]]:
@@ -316,7 +329,9 @@ def sizes(bench: Bench, record: dict[str, Any], report: Report, check: Callable[
             bench.engine.vocode(bench.engine.acoustic(batch))  # warm-up: allocator, kernel choices
             bench.peak_reset()
             acoustic_times, vocoder_times, features = time_stages(bench, batch, bench.args.rounds)
-        except bench.torch.cuda.OutOfMemoryError as exc:
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
             rows.append({"size": size, "oom": str(exc).splitlines()[0]})
             record["oom"] = f"at {size} segments"
             print(f"{size:>8}  out of memory")
@@ -345,43 +360,36 @@ def sizes(bench: Bench, record: dict[str, Any], report: Report, check: Callable[
 
 def overlap(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) -> None:
     """The pipeline's shape: one thread runs acoustic batches while another vocodes, each on its own
-    stream. overlap = (acoustic alone + vocoder alone) / both at once: 1 is none, 2 is perfect."""
+    stream, both threads warmed up first (as the daemon's stage threads are). overlap = (acoustic
+    alone + vocoder alone) / both at once: 1 is none, 2 is perfect."""
+    from concurrent.futures import ThreadPoolExecutor
+
     size = bench.args.overlap_size
     repeats = 1 if bench.args.quick else 5
     first, second = bench.requests(size), bench.requests(size, offset=size)
-    features = bench.engine.acoustic(second)
-    bench.engine.vocode(features)
-    check("solo runs")
-    started = time.perf_counter()
-    for _ in range(repeats):
-        bench.engine.acoustic(first)
-    acoustic_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(repeats):
-        bench.engine.vocode(features)
-    vocoder_s = time.perf_counter() - started
-    check("the overlapped run")
-    errors: list[BaseException] = []
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="acoustic") as acoustic,
+        ThreadPoolExecutor(1, thread_name_prefix="vocoder") as vocoder,
+    ):
+        features = acoustic.submit(bench.engine.acoustic, second).result()
+        vocoder.submit(bench.engine.vocode, features).result()  # warm-ups, each on its own thread
 
-    def loop(work: Callable[[], Any]) -> None:
-        try:
+        def acoustic_work() -> None:
             for _ in range(repeats):
-                work()
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+                bench.engine.acoustic(first)
 
-    threads = [
-        threading.Thread(target=loop, args=(lambda: bench.engine.acoustic(first),)),
-        threading.Thread(target=loop, args=(lambda: bench.engine.vocode(features),)),
-    ]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    both_s = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+        def vocoder_work() -> None:
+            for _ in range(repeats):
+                bench.engine.vocode(features)
+
+        check("solo runs")
+        acoustic_s = _timed(lambda: acoustic.submit(acoustic_work).result())
+        vocoder_s = _timed(lambda: vocoder.submit(vocoder_work).result())
+        check("the overlapped run")
+        started = time.perf_counter()
+        for future in [acoustic.submit(acoustic_work), vocoder.submit(vocoder_work)]:
+            future.result()
+        both_s = time.perf_counter() - started
     record.update(
         size=size,
         repeats=repeats,
@@ -392,7 +400,7 @@ def overlap(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) 
     )
 
 
-def autocast(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) -> None:
+def autocast(bench: Bench, record: dict[str, Any], report: Report, check: Callable[[str], None]) -> None:
     """The vocoder under autocast against fp32 on the same features (fixed randomness): error, both on
     short windows here and through the oracle (against KModel's fp32 forward), and speed."""
     from speakd.server.engine import AcousticFeatures
@@ -409,8 +417,14 @@ def autocast(bench: Bench, record: dict[str, Any], check: Callable[[str], None])
         ]
     with fixed_randomness():
         expected = bench.engine.vocode(features)
+    one = features[:1]  # batch 1 too: autocast re-casts every weight on each call, which a batch hides
     fp32_s = min(_timed(lambda: bench.engine.vocode(features)) for _ in range(bench.args.rounds))
-    record["size"], record["fp32_vocoder_ms"] = size, fp32_s * 1e3
+    fp32_one_s = min(_timed(lambda: bench.engine.vocode(one)) for _ in range(bench.args.rounds))
+    record["size"], record["fp32_vocoder_ms"], record["fp32_vocoder_one_ms"] = (
+        size,
+        fp32_s * 1e3,
+        fp32_one_s * 1e3,
+    )
     for dtype in dtypes:
         check(dtype)
         engine = bench.engine_class(bench.kmodel, bench.args.device, bench.args.threads, precision=dtype)
@@ -424,6 +438,9 @@ def autocast(bench: Bench, record: dict[str, Any], check: Callable[[str], None])
             half_s = min(
                 _timed(lambda engine=engine: engine.vocode(features)) for _ in range(bench.args.rounds)
             )
+            half_one_s = min(
+                _timed(lambda engine=engine: engine.vocode(one)) for _ in range(bench.args.rounds)
+            )
             oracle_error = None  # skipped on a CPU: whole segments in bf16 would take minutes there
             if not bench.args.quick:
                 run = run_oracle(engine, bench.kmodel, bench.requests(2, offset=5), {})
@@ -434,12 +451,15 @@ def autocast(bench: Bench, record: dict[str, Any], check: Callable[[str], None])
                 "finite": bool(all(np.isfinite(g).all() for g in got)),
                 "vocoder_ms": half_s * 1e3,
                 "speedup_vs_fp32": fp32_s / half_s,
+                "vocoder_one_ms": half_one_s * 1e3,
+                "speedup_vs_fp32_one": fp32_one_s / half_one_s,
                 "oracle_audio_error": oracle_error,  # against KModel's fp32 forward
             }
         except Exception as exc:  # one dtype failing (say fp16 on an old GPU) must not hide the other
             record[dtype] = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
         print(f"   {dtype}: {json.dumps(record[dtype], default=float)}", flush=True)
+        report.write({**record, "status": "running"})
     if any("error" in record[dtype] or not record[dtype]["finite"] for dtype in dtypes):
         raise RuntimeError(f"autocast failed: {[d for d in dtypes if 'error' in record[d]]}")
 
@@ -458,7 +478,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes and one round (the CPU test)")
     parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (default 1,8,64,256)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 3)")
-    parser.add_argument("--budget-s", type=float, default=420, help="time for all sections (default 420)")
+    parser.add_argument("--budget-s", type=float, default=240, help="time for all sections (default 240)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     parser.add_argument("--site", type=Path, default=None, help="carry set directory, appended to sys.path")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.jsonl")
@@ -486,6 +506,10 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "tf32_matmul_cudnn": tf32_flags(
+            torch
+        ),  # as sizes, overlap and autocast run (the oracle sets its own)
         "quick": args.quick,
     }
     with contextlib.suppress(Exception):
@@ -506,7 +530,7 @@ def main() -> int:
         ("oracle", 0.2, lambda r, c: oracle(bench, r, c)),
         ("sizes", 0.55, lambda r, c: sizes(bench, r, report, c)),
         ("overlap", 0.3, lambda r, c: overlap(bench, r, c)),
-        ("autocast", 1.0, lambda r, c: autocast(bench, r, c)),
+        ("autocast", 1.0, lambda r, c: autocast(bench, r, report, c)),
     ]
     for name, share, run in plan:
         seconds = budget.share(share)

@@ -30,5 +30,5 @@ rm -rf "$site"
   --upgrade --target "$site" "${wheels[@]}"
 echo "gpu_run: installed in $((SECONDS - start)) s; running bench/gpu_check.py" >&2
 
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing outside can be reached
 exec "$python" bench/gpu_check.py --site "$site" --out "${OUT:-bench/gpu-out}" "$@"
