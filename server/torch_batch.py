@@ -143,7 +143,7 @@ def _harmonic_spectrum(generator: Any, f0: Tensor, f0_steps: list[int]) -> Tenso
       padding adds exact zeros, so past an item's end the phase stays at its last value, and the linear
       upsampling of the phase reads there the very value it reads alone (where it clamps);
     - the 9 → 1 harmonic merge (a Linear and tanh) runs per item: a matrix product's rounding depends
-      on its row count, and 1-ulp differences in the source would flip those ±π;
+      on its row count, and 1-ulp differences in the source could flip those ±π;
     - the STFT's centre padding reflects each item's own end: the batch's reflection is right at every
       item's start, and the samples after each item's end are rewritten as its reflection;
     - frames past an item's end are zeroed: the convolutions that read them alone see zeros there."""
@@ -219,7 +219,7 @@ def _generate(generator: Any, x: Tensor, timbre: Tensor, har: Tensor, mask: Tens
             total = total + adain_resblock1(generator.resblocks[i * kernels + j], x, timbre, mask)
         x = total / kernels * mask  # the next upsampler or conv_post reads across the item's end
     bins = generator.post_n_fft // 2 + 1
-    with _full_precision(x.device):  # log-magnitudes: a bf16 conv_post would be ~3 % off in magnitude
+    with _full_precision(x.device):  # log-magnitudes: exp() would turn bf16 rounding into gain errors
         x = generator.conv_post(F.leaky_relu(x.float()))
         return per_item_istft(generator.stft, torch.exp(x[:, :bins]), torch.sin(x[:, bins:]), mask.float())
 
@@ -237,7 +237,7 @@ def vocode(kmodel: Any, asr: Tensor, f0: Tensor, energy: Tensor, timbre: Tensor,
     # stream is idle; here that is before the decoder's kernels are queued, not after.
     with _full_precision(asr.device):
         har = _harmonic_spectrum(decoder.generator, f0.float(), f0_steps)
-        f0_down = decoder.F0_conv(f0[:, None])  # two tiny convolutions of the curves, kept exact
+        f0_down = decoder.F0_conv(f0[:, None])  # two tiny convolutions of the curves, kept in fp32
         energy_down = decoder.N_conv(energy[:, None])
     x, _ = adain_resblk1d(decoder.encode, torch.cat([asr, f0_down, energy_down], dim=1), timbre, mask)
     asr_res = decoder.asr_res(asr)
