@@ -221,3 +221,28 @@ def test_precision_is_for_the_torch_engine_only(torch_files: ModelFiles) -> None
 def test_engine_refuses_an_unknown_precision(kmodel: Any) -> None:
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
         TorchEngine(kmodel, "cpu", THREADS, precision="int4")
+
+
+@pytest.mark.e2e
+async def test_daemon_speaks_with_a_bf16_vocoder(tmp_path: Path, model_cache: Path) -> None:
+    """model.precision end to end: the daemon warms up and speaks with its vocoder under bf16 autocast.
+    Short, since bf16 convolutions crawl on a CPU without bf16 units (bench/GPU.md)."""
+    config = '[model]\nengine = "torch"\nprecision = "bf16"\n'
+    d = Daemon(tmp_path, model_cache, config)
+    try:
+        d.wait_ready(timeout=300)
+        log = "".join(d.log)
+        assert "batched torch engine on cpu, vocoder in bf16" in log, log
+        text = "Hello there."
+        async with client(d.url) as c:
+            await c.send(Start(context="half", codec=AudioCodec.PCM16))
+            await c.send(Text(context="half", text=text))
+            await c.send(End(context="half"))
+            await c.until_done("half", timeout=240)
+        u = c.utterance("half")
+        u.assert_complete(text, min_segments=1)
+        heard = transcribe(u.pcm(), 24000)
+        errors, total = word_errors(text, heard)
+        assert errors / total <= 0.5, heard
+    finally:
+        assert d.stop() == 0, "".join(d.log)
