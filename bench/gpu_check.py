@@ -158,7 +158,6 @@ class Bench:
             (torch.randn(1, 256, generator=generator) * real["style_std"] + real["style_mean"]).numpy()
             for _ in range(VOICES)
         ]
-        self.engine_class = TorchEngine
 
     def requests(self, count: int, speeds: tuple[float, ...] = (1.0,), offset: int = 0) -> list[Any]:
         """`count` segments cycling through the sentences, the voices and `speeds`."""
@@ -404,6 +403,7 @@ def autocast(bench: Bench, record: dict[str, Any], report: Report, check: Callab
     """The vocoder under autocast against fp32 on the same features (fixed randomness): error, both on
     short windows here and through the oracle (against KModel's fp32 forward), and speed."""
     from speakd.server.engine import AcousticFeatures
+    from speakd.server.torch_engine import TorchEngine
     from speakd.server.torch_oracle import fixed_randomness, run_oracle
 
     np = bench.np
@@ -427,7 +427,7 @@ def autocast(bench: Bench, record: dict[str, Any], report: Report, check: Callab
     )
     for dtype in dtypes:
         check(dtype)
-        engine = bench.engine_class(bench.kmodel, bench.args.device, bench.args.threads, precision=dtype)
+        engine = TorchEngine(bench.kmodel, bench.args.device, bench.args.threads, precision=dtype)
         try:
             with fixed_randomness():
                 got = engine.vocode(features)

@@ -2,9 +2,10 @@
 
 A fresh venv holding only torch (and torch's own dependencies) stands in for the GPU machine: none of
 speakd's text side (misaki, spaCy), no ONNX Runtime, no aiohttp, not even transformers. The carry set
-(bench/gpu_carry.py, for this interpreter) is installed into a directory of its own, as bench/gpu_run.sh
-does there, and gpu_check.py runs on it with --site, offline. Set SPEAKD_CACHE_DIR to keep the venv
-(~45 s to build here) and the carry set between runs; the venv is checked to be bare on every run.
+(bench/gpu_carry.py, for this interpreter) goes through bench/gpu_run.sh itself, the command the GPU
+machine runs: it installs the set into a directory of its own and runs gpu_check.py on it, offline.
+Set SPEAKD_CACHE_DIR to keep the venv (~45 s to build here) and the carry set between runs; the venv is
+checked to be bare on every run.
 """
 
 from __future__ import annotations
@@ -120,21 +121,16 @@ def test_gpu_check_runs_from_the_carry_set_alone(carry: Path, torch_venv: Path, 
     assert _importable(torch_venv, ("torch",)) == ["torch"]
     assert _importable(torch_venv, ABSENT) == [], "the torch venv must hold torch alone"
 
-    site = tmp_path / "site"
-    wheels = sorted(str(wheel) for wheel in carry.glob("*.whl"))
-    install = [str(torch_venv), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index"]
-    install += ["--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site), *wheels]
-    result = _run(install, SETUP_TIMEOUT_S, env=_bare_env())
+    # The very command the GPU machine runs: it checks the carried speakd wheel against this tree,
+    # installs the carry set into a directory of its own and runs gpu_check.py with --site.
+    site, out = tmp_path / "site", tmp_path / "out"
+    env = _bare_env(PYTHON=str(torch_venv), SPEAKD_CARRY=str(carry), SPEAKD_SITE=str(site), OUT=str(out))
+    # A generous budget: the sections' shares must not run out on a slow CI machine.
+    command = ["bash", "bench/gpu_run.sh", "--device", "cpu", "--quick", "--budget-s", "900"]
+    result = _run(command, CHECK_TIMEOUT_S, env=env, cwd=ROOT)
     assert result.returncode == 0, _output(result)
     assert (site / "speakd" / "server").is_dir()
     assert not (site / "misaki").exists() and not (site / "spacy").exists()
-
-    out = tmp_path / "out"
-    # A generous budget: the sections' shares must not run out on a slow CI machine.
-    command = [str(torch_venv), "bench/gpu_check.py", "--device", "cpu", "--quick", "--budget-s", "900"]
-    command += ["--site", str(site), "--out", str(out)]
-    result = _run(command, CHECK_TIMEOUT_S, env=_bare_env(PYTHONUNBUFFERED="1"), cwd=ROOT)
-    assert result.returncode == 0, _output(result)
 
     lines = (out / "gpu_check.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
