@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon import transcribe, word_errors
+from held_out import held_out_sentences
 
 from speakd.server.config import default_cache_dir
 from speakd.server.engine import SAMPLE_RATE, AcousticRequest
@@ -30,7 +31,6 @@ from speakd.server.torch_weights import ONNX_AUDIO_GAIN, load_kmodel
 from speakd.server.voices import VoiceBank
 
 VOICE = "jf_gongitsune"
-SENTENCES_FILE = Path(__file__).resolve().parent / "held_out_sentences.txt"
 
 
 def main() -> int:
@@ -45,8 +45,7 @@ def main() -> int:
     gain = {"onnx": 1.0, "torch": ONNX_AUDIO_GAIN}  # the same level for Whisper
     g2p = EnglishG2P(files.vocab())
     voices = VoiceBank.from_npz(files.voices_npz)
-    lines = SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
-    texts = [line for line in lines if line and not line.startswith("#")]
+    texts = held_out_sentences()
     texts = texts[args.skip : args.skip + args.sentences]
     errors = dict.fromkeys(engines, 0)
     words = 0

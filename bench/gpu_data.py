@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from held_out import held_out_sentences
 
 from speakd.server.config import default_cache_dir
 from speakd.server.engine import AcousticRequest
@@ -42,8 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     files = prepare_embedded_model(args.cache_dir or default_cache_dir())
     g2p, voices = EnglishG2P(files.vocab()), VoiceBank.from_npz(files.voices_npz)
-    lines = (HERE / "held_out_sentences.txt").read_text(encoding="utf-8").splitlines()
-    sentences = [line for line in lines if line.strip() and not line.startswith("#")]
+    sentences = held_out_sentences()
     segments = [(text, list(chunk.tokens)) for text in sentences for chunk in g2p(text)]
 
     engine = TorchEngine(load_kmodel(files, "cpu"), "cpu")

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon import transcribe, word_errors
+from held_out import held_out_sentences
 
 from speakd.server.config import default_cache_dir
 from speakd.server.engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
@@ -42,8 +43,6 @@ VOICE = "jf_gongitsune"
 VOCODER = VocoderCost(fixed_s=0.025, per_frame_s=0.0075)
 SEAM_FRAMES = 4  # frames each side of the seam scored as "seam"
 FLOOR_DB = 60.0
-
-SENTENCES_FILE = Path(__file__).resolve().parent / "held_out_sentences.txt"
 
 F32 = npt.NDArray[np.float32]
 
@@ -110,8 +109,7 @@ def main() -> int:
     voices = VoiceBank.from_npz(files.voices_npz)
     scores = {config: Scores() for config in configs}
     whole_scores = Scores()
-    lines = SENTENCES_FILE.read_text(encoding="utf-8").splitlines()
-    sentences = [line for line in lines if line and not line.startswith("#")]
+    sentences = held_out_sentences()
     texts = sentences[args.skip : args.skip + args.sentences]
     for text in texts:
         chunk = g2p(text)[0]
