@@ -32,10 +32,10 @@ from daemon import Daemon, client, token_pieces
 
 from speakd.protocol import Audio, End, Start, Text
 from speakd.server.config import default_cache_dir
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import prepare_embedded_model
-from speakd.server.segmenter import Segmenter
-from speakd.server.voices import VoiceBank
+from speakd.server.core.segmenter import Segmenter
+from speakd.server.engines.kokoro.assets import prepare_embedded_model
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.voices import VoiceBank
 
 SHORT_FIRST = [
     "Sure, here it is.",

@@ -22,13 +22,13 @@ from daemon import transcribe, word_errors
 from held_out import held_out_sentences
 
 from speakd.server.config import default_cache_dir
-from speakd.server.engine import SAMPLE_RATE, AcousticRequest
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import prepare_embedded_model
-from speakd.server.onnx_engine import OnnxEngine
-from speakd.server.torch_engine import TorchEngine
-from speakd.server.torch_weights import ONNX_AUDIO_GAIN, load_kmodel
-from speakd.server.voices import VoiceBank
+from speakd.server.engines.kokoro.assets import prepare_embedded_model
+from speakd.server.engines.kokoro.engine import SAMPLE_RATE, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
+from speakd.server.engines.kokoro.torch_engine import TorchEngine
+from speakd.server.engines.kokoro.torch_weights import ONNX_AUDIO_GAIN, load_kmodel
+from speakd.server.engines.kokoro.voices import VoiceBank
 
 VOICE = "jf_gongitsune"
 

@@ -7,7 +7,7 @@ The GPU machine has Python, PyTorch (CUDA), numpy, transformers and huggingface_
 other dependencies, no network, and at most 64 MiB of files carried to it, repository included. So this
 writes, into DIR (default .carry/ in the repository root): a wheel of speakd built from this tree, and the
 wheels of the torch engine's import closure at the versions pinned in constraints.txt: kokoro's model
-modules (without kokoro's text side: no misaki, spaCy or phonemizer, see server/kokoro_modules.py) and
+modules (without kokoro's text side: no misaki, spaCy or phonemizer, see server/engines/kokoro/modules.py) and
 what they and transformers import, found by importing the engine in a venv holding only torch. The
 machine's own packages come first on its sys.path; the carried ones only fill the gaps.
 

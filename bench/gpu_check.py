@@ -16,7 +16,7 @@ Sections, each printed and appended to OUT/gpu_check.jsonl as it finishes (one J
 "sizes" also after each row), each guarded against out-of-memory errors and its share of --budget-s:
 1. smoke: one segment through both stages; calibration figures;
 2. oracle: batches of mixed lengths, voices and speeds against KModel's own batch-1 forward
-   (speakd.server.torch_oracle), with TF32 off and then on;
+   (speakd.server.engines.kokoro.torch_oracle), with TF32 off and then on;
 3. sizes: per-stage latency, audio seconds per second and peak memory at each batch size;
 4. overlap: the acoustic and the vocoder stage in two threads at once (each its own CUDA stream);
 5. autocast: the vocoder under bf16 and fp16 autocast, its error against fp32 and its speed.
@@ -138,9 +138,9 @@ class Bench:
         import numpy as np
         import torch
 
-        from speakd.server.kokoro_config import kokoro_config
-        from speakd.server.torch_engine import TorchEngine
-        from speakd.server.torch_weights import _bare_kmodel
+        from speakd.server.engines.kokoro.model_config import kokoro_config
+        from speakd.server.engines.kokoro.torch_engine import TorchEngine
+        from speakd.server.engines.kokoro.torch_weights import _bare_kmodel
 
         self.np, self.torch = np, torch
         self.args = args
@@ -161,7 +161,7 @@ class Bench:
 
     def requests(self, count: int, speeds: tuple[float, ...] = (1.0,), offset: int = 0) -> list[Any]:
         """`count` segments cycling through the sentences, the voices and `speeds`."""
-        from speakd.server.engine import AcousticRequest
+        from speakd.server.engines.kokoro.engine import AcousticRequest
 
         segments = self.data["segments"]
         return [
@@ -269,7 +269,7 @@ def smoke(bench: Bench, record: dict[str, Any]) -> None:
 
 
 def oracle(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) -> None:
-    from speakd.server.torch_oracle import run_oracle
+    from speakd.server.engines.kokoro.torch_oracle import run_oracle
 
     torch = bench.torch
     mixes = {
@@ -402,9 +402,9 @@ def overlap(bench: Bench, record: dict[str, Any], check: Callable[[str], None]) 
 def autocast(bench: Bench, record: dict[str, Any], report: Report, check: Callable[[str], None]) -> None:
     """The vocoder under autocast against fp32 on the same features (fixed randomness): error, both on
     short windows here and through the oracle (against KModel's fp32 forward), and speed."""
-    from speakd.server.engine import AcousticFeatures
-    from speakd.server.torch_engine import TorchEngine
-    from speakd.server.torch_oracle import fixed_randomness, run_oracle
+    from speakd.server.engines.kokoro.engine import AcousticFeatures
+    from speakd.server.engines.kokoro.torch_engine import TorchEngine
+    from speakd.server.engines.kokoro.torch_oracle import fixed_randomness, run_oracle
 
     np = bench.np
     dtypes = ("bf16",) if not bench.cuda else ("bf16", "fp16")

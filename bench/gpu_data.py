@@ -22,12 +22,12 @@ import numpy as np
 from held_out import held_out_sentences
 
 from speakd.server.config import default_cache_dir
-from speakd.server.engine import AcousticRequest
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import prepare_embedded_model
-from speakd.server.torch_engine import TorchEngine
-from speakd.server.torch_weights import load_kmodel
-from speakd.server.voices import VoiceBank
+from speakd.server.engines.kokoro.assets import prepare_embedded_model
+from speakd.server.engines.kokoro.engine import AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.torch_engine import TorchEngine
+from speakd.server.engines.kokoro.torch_weights import load_kmodel
+from speakd.server.engines.kokoro.voices import VoiceBank
 
 HERE = Path(__file__).resolve().parent
 VOICE = "jf_gongitsune"  # the daemon's default voice

@@ -16,14 +16,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from speakd.protocol import PATH
-
-from .config import Config
-from .connection import Connection
-from .fair_queue import BatchLimits
-from .g2p import LANGUAGES
-from .metrics import SpeakdMetrics
-from .pipeline import Pipeline
-from .speech import Speech
+from speakd.server.config import Config
+from speakd.server.engines.kokoro.g2p import LANGUAGES
+from speakd.server.engines.kokoro.speech import Speech
+from speakd.server.frontends.websocket import Connection
+from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.fair_queue import BatchLimits
+from speakd.server.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 

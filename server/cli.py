@@ -11,9 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import Config, load_config
-from .dependencies import check_dependencies
-from .errors import SpeakdError
+from speakd.server.config import Config, load_config
+from speakd.server.dependencies import check_dependencies
+from speakd.server.errors import SpeakdError
 
 logger = logging.getLogger("speakd")
 
@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _serve(config: Config) -> None:
-    from .app import STOP, create_app, load_error
+    from speakd.server.app import STOP, create_app, load_error
 
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s + 5.0)

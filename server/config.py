@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
-from .torch_weights import ModelDir
-from .voices import preferred_voice
+from speakd.server.engines.kokoro.torch_weights import ModelDir
+from speakd.server.engines.kokoro.voices import preferred_voice
+from speakd.server.errors import ConfigError
 
 CONFIG_ENV = "SPEAKD_CONFIG"
 CACHE_DIR_ENV = "SPEAKD_CACHE_DIR"

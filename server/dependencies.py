@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import DependencyError
-from .model_assets import DATA_PACKAGE, PART_PACKAGES
+from speakd.server.engines.kokoro.assets import DATA_PACKAGE, PART_PACKAGES
+from speakd.server.errors import DependencyError
 
 _REQUIRED: tuple[tuple[str, str], ...] = (
     ("opuslib", "the Opus codec: apt-get install libopus0, then pip install opuslib"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
+from speakd.server.engines.kokoro.assets import ModelFiles, prepare_embedded_model
 
 TORCH_THREADS = 2
 

@@ -9,7 +9,7 @@ import numpy.typing as npt
 import opuslib
 import pytest
 
-from speakd.server.audio_encoder import (
+from speakd.server.audio.encoders import (
     FRAME_MS,
     OPUS_RATES,
     Frame,
@@ -19,7 +19,7 @@ from speakd.server.audio_encoder import (
     default_opus_bitrate,
     make_encoder,
 )
-from speakd.server.resample import StreamingResampler, _design, resample
+from speakd.server.audio.resample import StreamingResampler, _design, resample
 
 SRC = 24000
 RATES = sorted(OPUS_RATES)

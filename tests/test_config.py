@@ -18,8 +18,8 @@ from speakd.server.config import (
     default_cache_dir,
     load_config,
 )
+from speakd.server.engines.kokoro.speech import default_max_batch
 from speakd.server.errors import ConfigError, SpeakdError
-from speakd.server.speech import default_max_batch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "speakd.example.toml"
 

@@ -38,12 +38,12 @@ from speakd.protocol import (
     encode,
 )
 from speakd.server.config import load_config
-from speakd.server.connection import Connection
-from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
-from speakd.server.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
+from speakd.server.frontends.websocket import Connection
 from speakd.server.metrics import SpeakdMetrics
-from speakd.server.pipeline import EncodedSegment, Job, Pipeline
-from speakd.server.voices import STYLE_DIM, VoiceBank
+from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
 
 VOICE = "af_fake"
 
@@ -453,7 +453,7 @@ async def test_a_bug_while_handling_a_request_costs_only_that_request(
         raise RuntimeError("encoder bug")
 
     with monkeypatch.context() as patch:
-        patch.setattr("speakd.server.connection.make_encoder", broken_encoder)
+        patch.setattr("speakd.server.frontends.websocket.make_encoder", broken_encoder)
         client.send(Start(context="v"))
         error = await client.expect_error(ErrorCode.INTERNAL, "v")
     assert "encoder bug" not in error.message  # internals stay in the log

@@ -13,13 +13,13 @@ import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 
-from speakd.server import model_assets
-from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro import assets as model_assets
+from speakd.server.engines.kokoro.assets import ModelFiles, prepare_embedded_model
+from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
+from speakd.server.engines.kokoro.voices import MAX_PHONEMES, VoiceBank
 from speakd.server.errors import DependencyError, ModelError
-from speakd.server.g2p import EnglishG2P, PhonemeChunk
-from speakd.server.model_assets import ModelFiles, prepare_embedded_model
-from speakd.server.onnx_engine import OnnxEngine
-from speakd.server.voices import MAX_PHONEMES, VoiceBank
 
 VOICE = "jf_alpha"
 SENTENCES = (

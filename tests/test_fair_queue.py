@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from speakd.server.fair_queue import BatchLimits, FairQueue
+from speakd.server.pipeline.fair_queue import BatchLimits, FairQueue
 
 
 async def drain(queue: FairQueue[str]) -> list[str]:

@@ -22,12 +22,11 @@ from daemon import Daemon, client, transcribe, word_errors
 from speakd.protocol import AudioCodec, End, Start, Started, Text
 from speakd.server.cli import _overrides, _parser
 from speakd.server.config import Config, load_config
-from speakd.server.errors import ConfigError, ModelError
-from speakd.server.g2p import EnglishG2P
-from speakd.server.kokoro_config import KMODEL_KEYS, kokoro_config
-from speakd.server.model_assets import ModelFiles
-from speakd.server.speech import choose_engine
-from speakd.server.torch_weights import (
+from speakd.server.engines.kokoro.assets import ModelFiles
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.model_config import KMODEL_KEYS, kokoro_config
+from speakd.server.engines.kokoro.speech import choose_engine
+from speakd.server.engines.kokoro.torch_weights import (
     MODULE_PREFIX,
     PARTS,
     ModelDir,
@@ -35,7 +34,8 @@ from speakd.server.torch_weights import (
     load_official_kmodel,
     prepare_torch_weights,
 )
-from speakd.server.voices import VoiceBank, preferred_voice
+from speakd.server.engines.kokoro.voices import VoiceBank, preferred_voice
+from speakd.server.errors import ConfigError, ModelError
 
 THREADS = 2
 EMBEDDED_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")

@@ -20,14 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from speakd.server.audio_encoder import Frame, FrameEncoder, Pcm16FrameEncoder
-from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.audio.encoders import Frame, FrameEncoder, Pcm16FrameEncoder
+from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
 from speakd.server.errors import SynthesisError
-from speakd.server.fair_queue import BatchLimits
-from speakd.server.g2p import EnglishG2P, PhonemeChunk
 from speakd.server.metrics import SpeakdMetrics
-from speakd.server.pipeline import EncodedSegment, Job, Pipeline
-from speakd.server.voices import STYLE_DIM, VoiceBank
+from speakd.server.pipeline.fair_queue import BatchLimits
+from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
 
 FRAME_SAMPLES = 480  # 20 ms at 24 kHz
 SEGMENT_FRAMES = 4  # acoustic frames per fake segment: 2400 samples, exactly 5 PCM frames

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from speakd.server.segmenter import Segmenter
+from speakd.server.core.segmenter import Segmenter
 
 
 def _whole(text: str, **kwargs: Any) -> list[str]:

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from speakd.server.engine import AcousticFeatures, AcousticRequest
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles
-from speakd.server.torch_engine import TorchEngine
-from speakd.server.torch_oracle import (
+from speakd.server.engines.kokoro.assets import ModelFiles
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.torch_engine import TorchEngine
+from speakd.server.engines.kokoro.torch_oracle import (
     AUDIO_TOLERANCE,
     FEATURE_TOLERANCE,
     HARMONIC_TOLERANCE,
@@ -37,8 +37,8 @@ from speakd.server.torch_oracle import (
     relative_error,
     run_oracle,
 )
-from speakd.server.torch_weights import load_kmodel
-from speakd.server.voices import VoiceBank
+from speakd.server.engines.kokoro.torch_weights import load_kmodel
+from speakd.server.engines.kokoro.voices import VoiceBank
 
 THREADS = 2
 # (text, voice, speed). Short: fp32 torch vocodes at ~0.4x real time on a 2-core CPU.
@@ -131,7 +131,7 @@ def test_mixes_pad_every_item_but_the_longest(runs: dict[str, OracleRun]) -> Non
 def test_masked_adain_is_instance_norm_over_each_items_length() -> None:
     from kokoro.istftnet import AdaIN1d
 
-    from speakd.server.torch_masked import masked_adain, time_mask
+    from speakd.server.engines.kokoro.torch_masked import masked_adain, time_mask
 
     generator = torch.Generator().manual_seed(2)
     adain = AdaIN1d(style_dim=8, num_features=4)
@@ -149,8 +149,8 @@ def test_masked_adain_is_instance_norm_over_each_items_length() -> None:
 def test_per_item_istft_is_torch_istft_of_each_item() -> None:
     from kokoro.istftnet import TorchSTFT
 
-    from speakd.server.torch_batch import per_item_istft
-    from speakd.server.torch_masked import time_mask
+    from speakd.server.engines.kokoro.torch_batch import per_item_istft
+    from speakd.server.engines.kokoro.torch_masked import time_mask
 
     stft = TorchSTFT(filter_length=20, hop_length=5, win_length=20)
     generator = torch.Generator().manual_seed(3)
@@ -202,7 +202,7 @@ def test_harmonic_check_catches_an_item_reflected_at_the_batchs_end(
 ) -> None:
     """Mutation check: the naive batched STFT (centre padding reflected at the batch's end, for every
     item) must fail the check, else the check proves nothing."""
-    from speakd.server import torch_batch
+    from speakd.server.engines.kokoro import torch_batch
 
     def naive(generator: Any, f0: torch.Tensor, f0_steps: list[int]) -> torch.Tensor:
         upsampled = generator.f0_upsamp(f0[:, None]).transpose(1, 2)
@@ -218,7 +218,7 @@ def test_harmonic_check_catches_an_item_reflected_at_the_batchs_end(
 def test_prepare_makes_the_window_a_buffer_and_folds_weight_norm(kmodel: Any) -> None:
     from torch.nn.utils.weight_norm import WeightNorm
 
-    from speakd.server import torch_batch
+    from speakd.server.engines.kokoro import torch_batch
 
     torch_batch.prepare(kmodel)  # again: idempotent (the engine fixture prepared it once)
     stft = kmodel.decoder.generator.stft

@@ -17,14 +17,14 @@ from daemon import Daemon, Utterance, client, token_pieces, transcribe, word_err
 
 from speakd.protocol import AudioCodec, End, Start, Started, Text
 from speakd.server.config import ModelSection, load_config
-from speakd.server.engine import AcousticRequest
+from speakd.server.engines.kokoro.assets import ModelFiles
+from speakd.server.engines.kokoro.engine import AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.speech import choose_engine
+from speakd.server.engines.kokoro.torch_engine import TorchEngine
+from speakd.server.engines.kokoro.torch_weights import load_kmodel
+from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.errors import ConfigError
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles
-from speakd.server.speech import choose_engine
-from speakd.server.torch_engine import TorchEngine
-from speakd.server.torch_weights import load_kmodel
-from speakd.server.voices import VoiceBank
 
 VOICE = "jf_gongitsune"
 THREADS = 2
@@ -211,7 +211,7 @@ def test_auto_resolves_by_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_precision_is_for_the_torch_engine_only(torch_files: ModelFiles) -> None:
-    from speakd.server.speech import _engine
+    from speakd.server.engines.kokoro.speech import _engine
 
     config = load_config(None, {"model.engine": "onnx", "model.precision": "bf16"})
     with pytest.raises(ConfigError, match=r"model\.precision 'bf16' needs the torch engine"):

@@ -13,13 +13,18 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from speakd.server.engine import AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.assets import ModelFiles
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
+from speakd.server.engines.kokoro.torch_weights import (
+    ONNX_AUDIO_GAIN,
+    PARTS,
+    load_kmodel,
+    prepare_torch_weights,
+)
+from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.errors import ModelError
-from speakd.server.g2p import EnglishG2P
-from speakd.server.model_assets import ModelFiles
-from speakd.server.onnx_engine import OnnxEngine
-from speakd.server.torch_weights import ONNX_AUDIO_GAIN, PARTS, load_kmodel, prepare_torch_weights
-from speakd.server.voices import VoiceBank
 
 VOICE = "jf_gongitsune"
 # Short: fp32 torch vocoding runs about 3x slower than real time on a CPU.

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from speakd.server.engine import SAMPLES_PER_FRAME, AcousticFeatures
-from speakd.server.vocoder_speed import VocoderCost
-from speakd.server.windows import (
+from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures
+from speakd.server.pipeline.vocoder_speed import VocoderCost
+from speakd.server.pipeline.windows import (
     CONTEXT_FRAMES,
     COST_MARGIN,
     CROSSFADE_SAMPLES,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DependencyError
-from .voices import MAX_PHONEMES
+from speakd.server.engines.kokoro.voices import MAX_PHONEMES
+from speakd.server.errors import DependencyError
 
 logger = logging.getLogger(__name__)
 

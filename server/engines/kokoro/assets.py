@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DependencyError, ModelError
+from speakd.server.errors import DependencyError, ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .engine import AcousticFeatures, AcousticRequest
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
 
 if TYPE_CHECKING:
     import torch
 
-    from .torch_engine import TorchEngine
+    from speakd.server.engines.kokoro.torch_engine import TorchEngine
 
 F32 = npt.NDArray[np.float32]
 FEATURE_TOLERANCE = 1e-5  # x peak of each curve (worst on a CPU: 4.7e-6; 6.5e-6 random weights)
@@ -122,7 +122,7 @@ def harmonic_check(kmodel: Any, f0s: Sequence[F32]) -> HarmonicCheck:
     fixed randomness."""
     import torch
 
-    from .torch_batch import _harmonic_spectrum
+    from speakd.server.engines.kokoro.torch_batch import _harmonic_spectrum
 
     generator = kmodel.decoder.generator
     device = kmodel.device

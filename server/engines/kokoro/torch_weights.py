@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, DependencyError, ModelError
-from .kokoro_config import KMODEL_KEYS, kokoro_config
-from .kokoro_modules import kokoro_module
-from .model_assets import ModelFiles
+from speakd.server.engines.kokoro.assets import ModelFiles
+from speakd.server.engines.kokoro.model_config import KMODEL_KEYS, kokoro_config
+from speakd.server.engines.kokoro.modules import kokoro_module
+from speakd.server.errors import ConfigError, DependencyError, ModelError
 
 if TYPE_CHECKING:
     import onnx

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import opuslib
 
-from .resample import StreamingResampler
+from speakd.server.audio.resample import StreamingResampler
 
 MODEL_RATE = 24000
 """Rate of the waveforms the model renders."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DependencyError, ModelError
+from speakd.server.errors import DependencyError, ModelError
 
 STYLE_DIM = 256
 MAX_PHONEMES = 510

@@ -21,15 +21,15 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .audio_encoder import Frame, FrameEncoder
-from .engine import AcousticFeatures, AcousticRequest, Engine
-from .errors import SynthesisError
-from .fair_queue import BatchLimits, FairQueue
-from .g2p import EnglishG2P
-from .metrics import SpeakdMetrics
-from .vocoder_speed import VocoderCost, VocoderSpeed
-from .voices import VoiceBank
-from .windows import Stitcher, Window, plan_windows
+from speakd.server.audio.encoders import Frame, FrameEncoder
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest, Engine
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.voices import VoiceBank
+from speakd.server.errors import SynthesisError
+from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.fair_queue import BatchLimits, FairQueue
+from speakd.server.pipeline.vocoder_speed import VocoderCost, VocoderSpeed
+from speakd.server.pipeline.windows import Stitcher, Window, plan_windows
 
 logger = logging.getLogger(__name__)
 

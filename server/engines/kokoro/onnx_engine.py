@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .engine import AcousticFeatures, AcousticRequest
-from .errors import DependencyError, ModelError
-from .model_assets import ACOUSTIC_OUTPUTS, ASR, ENERGY, F0, ModelFiles
+from speakd.server.engines.kokoro.assets import ACOUSTIC_OUTPUTS, ASR, ENERGY, F0, ModelFiles
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
+from speakd.server.errors import DependencyError, ModelError
 
 logger = logging.getLogger(__name__)
 

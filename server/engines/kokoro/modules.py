@@ -14,7 +14,7 @@ import os
 import sys
 from types import ModuleType
 
-from .errors import DependencyError
+from speakd.server.errors import DependencyError
 
 _INSTALL = "PyTorch weights need kokoro and torch: pip install kokoro==0.9.4"
 

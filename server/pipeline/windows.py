@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures
-from .vocoder_speed import VocoderCost
+from speakd.server.engines.kokoro.engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures
+from speakd.server.pipeline.vocoder_speed import VocoderCost
 
 CONTEXT_FRAMES = 12
 # Context the first window renders before it (the trimmed lead-in) and after its seam: every frame of

@@ -36,15 +36,14 @@ from speakd.protocol import (
     encode,
     text_frame_error,
 )
-
-from .audio_encoder import Frame, make_encoder
-from .config import Config
-from .errors import SynthesisError
-from .g2p import LANGUAGES
-from .metrics import SpeakdMetrics
-from .pipeline import EncodedSegment, Job, Pipeline
-from .segmenter import Segmenter
-from .voices import VoiceBank
+from speakd.server.audio.encoders import Frame, make_encoder
+from speakd.server.config import Config
+from speakd.server.core.segmenter import Segmenter
+from speakd.server.engines.kokoro.g2p import LANGUAGES
+from speakd.server.engines.kokoro.voices import VoiceBank
+from speakd.server.errors import SynthesisError
+from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
 
 logger = logging.getLogger(__name__)
 

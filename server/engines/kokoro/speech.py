@@ -6,14 +6,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .config import Config
-from .engine import AcousticRequest, Engine
-from .errors import ConfigError, DependencyError
-from .g2p import EnglishG2P
-from .model_assets import ModelFiles, prepare_embedded_model
-from .onnx_engine import OnnxEngine
-from .torch_weights import ModelDir, load_kmodel, load_official_kmodel
-from .voices import VoiceBank
+from speakd.server.config import Config
+from speakd.server.engines.kokoro.assets import ModelFiles, prepare_embedded_model
+from speakd.server.engines.kokoro.engine import AcousticRequest, Engine
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
+from speakd.server.engines.kokoro.torch_weights import ModelDir, load_kmodel, load_official_kmodel
+from speakd.server.engines.kokoro.voices import VoiceBank
+from speakd.server.errors import ConfigError, DependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _engine(config: Config, model: ModelFiles | ModelDir) -> tuple[Engine, int]:
             )
         logger.info("engine: onnx (ONNX Runtime, CPU), batches of %d", max_batch)
         return OnnxEngine(model, config.model.threads), max_batch
-    from .torch_engine import TorchEngine
+    from speakd.server.engines.kokoro.torch_engine import TorchEngine
 
     if isinstance(model, ModelDir):
         kmodel, weights = load_official_kmodel(model, device), f"official weights from {model.root}"

@@ -25,9 +25,9 @@ from torch.nn.utils import remove_weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .errors import ModelError
-from .kokoro_modules import kokoro_module
-from .torch_masked import adain_resblk1d, adain_resblock1, time_mask
+from speakd.server.engines.kokoro.modules import kokoro_module
+from speakd.server.engines.kokoro.torch_masked import adain_resblk1d, adain_resblock1, time_mask
+from speakd.server.errors import ModelError
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .config import PRECISIONS
-from .engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
+from speakd.server.config import PRECISIONS
+from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ class TorchEngine:
     def __init__(self, kmodel: Any, device: str = "cpu", threads: int = 0, precision: str = "fp32") -> None:
         import torch
 
-        from . import torch_batch
+        from speakd.server.engines.kokoro import torch_batch
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")

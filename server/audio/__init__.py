@@ -1,0 +1,1 @@
+"""Audio out: frame encoders, containers and resampling."""

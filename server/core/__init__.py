@@ -1,0 +1,1 @@
+"""The transport-agnostic synthesis core: utterances, their text budget, segmentation and cancel."""

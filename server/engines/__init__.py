@@ -1,0 +1,1 @@
+"""Model back-ends: each supplies its stages, voices, languages and warm-up."""

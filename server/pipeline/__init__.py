@@ -1,0 +1,1 @@
+"""The staged pipeline: stages, fair queues, vocoder windows and their cost model."""
