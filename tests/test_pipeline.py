@@ -23,11 +23,13 @@ import pytest
 from speakd.server.audio.encoders import Frame, FrameEncoder, Pcm16FrameEncoder
 from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.stages import KokoroStages
 from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
 from speakd.server.errors import SynthesisError
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.fair_queue import BatchLimits
-from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
+from speakd.server.pipeline.job import EncodedSegment, Job
+from speakd.server.pipeline.pipeline import Pipeline
 
 FRAME_SAMPLES = 480  # 20 ms at 24 kHz
 SEGMENT_FRAMES = 4  # acoustic frames per fake segment: 2400 samples, exactly 5 PCM frames
@@ -165,6 +167,13 @@ class RecordingSink:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.ended: set[str] = set()
+        self.full: set[str] = set()  # contexts whose reader has no room
+
+    def has_room(self) -> bool:
+        return True
+
+    def room_for(self, job: Job) -> bool:
+        return job.context not in self.full
 
     def deliver(self, job: Job, segment: EncodedSegment) -> None:
         assert segment.job is job
@@ -208,7 +217,7 @@ class Harness:
     encoder_gate: threading.Event = field(default_factory=threading.Event)
 
     def job(self, context: str, encoder: FrameEncoder | None = None, lang: str = "en-us") -> Job:
-        return Job(
+        job = Job(
             context=context,
             voice="af_fake",
             lang=lang,
@@ -216,6 +225,28 @@ class Harness:
             encoder=encoder or Pcm16FrameEncoder(24000, 20),
             sink=self.sink,
         )
+        job.sink = _JobView(self.sink, job)
+        return job
+
+
+@dataclass
+class _JobView:
+    """The recording sink as one job sees it: its room is that job's."""
+
+    sink: RecordingSink
+    job: Job
+
+    def has_room(self) -> bool:
+        return self.sink.room_for(self.job)
+
+    def deliver(self, job: Job, segment: EncodedSegment) -> None:
+        self.sink.deliver(job, segment)
+
+    def finish(self, job: Job, tail: Sequence[Frame]) -> None:
+        self.sink.finish(job, tail)
+
+    def fail(self, job: Job, error: SynthesisError) -> None:
+        self.sink.fail(job, error)
 
 
 def _voices() -> VoiceBank:
@@ -226,9 +257,7 @@ def _voices() -> VoiceBank:
 async def _start(lane_limit: int, max_batch: int, linger_s: float = 0.0, encoder_workers: int = 1) -> Harness:
     engine, g2p, sink, metrics = FakeEngine(), FakeG2P(), RecordingSink(), SpeakdMetrics()
     pipeline = Pipeline(
-        g2p=cast(EnglishG2P, g2p),
-        engine=engine,
-        voices=_voices(),
+        stages=KokoroStages(cast(EnglishG2P, g2p), engine, _voices()).specs(),
         metrics=metrics,
         lane_limit=lane_limit,
         batching=BatchLimits(max_batch, linger_s=linger_s),
@@ -267,10 +296,10 @@ async def settle(rounds: int = 20) -> None:
 
 
 def lanes(pipeline: Pipeline) -> dict[str, dict[str, int]]:
-    """Items queued before each stage, per context (the FairQueues' lanes, looked into for the test)."""
+    """Items queued before each stage, per context."""
     return {
-        stage.name: {cast(Job, owner).context: len(lane) for owner, lane in stage.inbox._lanes.items()}
-        for stage in pipeline._stages
+        stage: {job.context: count for job, count in per_job.items()}
+        for stage, per_job in pipeline.lanes().items()
     }
 
 
@@ -414,7 +443,7 @@ async def test_cancel_reaches_every_stage_and_drops_the_item_in_flight(harness: 
     assert h.sink.of("doomed") == []  # the held item, finished after the cancel, was thrown away
     assert {text for text in h.engine.vocoded if text.startswith("doomed")} == {"doomed 0"}
     assert h.sink.delivered("other") == [(0, "other 0"), (1, "other 1")]
-    assert h.pipeline.depths() == dict.fromkeys(Pipeline.STAGES, 0)
+    assert h.pipeline.depths() == dict.fromkeys(h.pipeline.stage_names, 0)
 
 
 @pytest.mark.parametrize("harness", [(2, 1), (8, 4)], indirect=True)
@@ -465,7 +494,7 @@ async def test_a_failing_item_fails_only_its_own_job(harness: Harness, stage: st
     assert isinstance(error, SynthesisError)
     assert stage in str(error) and "'bad'" in str(error) and "boom 2" in str(error)
     assert bad.cancelled and not good.cancelled
-    assert h.pipeline.depths() == dict.fromkeys(Pipeline.STAGES, 0)
+    assert h.pipeline.depths() == dict.fromkeys(h.pipeline.stage_names, 0)
 
     # The pipeline keeps serving afterwards.
     again = h.job("again")
@@ -508,7 +537,7 @@ async def test_a_gated_stage_holds_a_context_to_lane_limit_items_per_queue(
     # work it could not pass on); every lane up to the gate is full, and the rest (with the end
     # marker) waits for G2P, whose queue the connection bounds by its text budget instead.
     full = BOUNDED[: BOUNDED.index(gated) + 1]
-    held = {name: limit if name in full else 0 for name in Pipeline.STAGES}
+    held = {name: limit if name in full else 0 for name in h.pipeline.stage_names}
     held["g2p"] = total + 1 - (len(full) * limit + 1)
 
     def settled() -> bool:
@@ -725,7 +754,8 @@ async def test_warm_up_runs_on_the_threads_that_serve_each_stage(harness: Harnes
 
     h.engine.acoustic, h.engine.vocode = record_acoustic, record_vocode  # type: ignore[method-assign]
     style = _voices().style("af_fake", 5)
-    await h.pipeline.warm_up([AcousticRequest(tuple(map(ord, "Hello")), style, 1.0)])
+    steps = [("acoustic", h.engine.acoustic), ("vocoder", h.engine.vocode)]
+    await h.pipeline.warm_up(steps, [AcousticRequest(tuple(map(ord, "Hello")), style, 1.0)])
     assert h.engine.vocoded == ["Hello"]
     job = h.job("a")
     h.pipeline.submit(job, "Served after the warm-up.")
@@ -735,3 +765,27 @@ async def test_warm_up_runs_on_the_threads_that_serve_each_stage(harness: Harnes
     for stage, names in threads.items():
         assert len(set(names)) == 1, names  # the warm-up's thread is the one that then served
         assert names[0].startswith(f"speakd-{stage}"), names
+
+
+async def test_a_reader_without_room_holds_only_its_own_job(harness: Harness) -> None:
+    """A sink that says it has no room (a slow HTTP reader) stalls its job at the encoder: its lanes
+    fill up to their bounds while another job goes all the way through; room again, and a wake, let
+    it finish in order."""
+    h = harness
+    h.sink.full.add("slow")
+    slow, other = h.job("slow"), h.job("other")
+    texts = [f"slow {i}" for i in range(12)]
+    h.pipeline.submit(slow, "|".join(texts))
+    h.pipeline.end(slow)
+    await wait_until(lambda: lanes(h.pipeline)["encoder"].get("slow", 0) >= 1)
+    h.pipeline.submit(other, "other 0|other 1")
+    h.pipeline.end(other)
+    await wait_until(lambda: "other" in h.sink.ended)
+    assert h.sink.of("slow") == []
+    queued = lanes(h.pipeline)
+    for stage in BOUNDED:
+        assert queued[stage].get("slow", 0) <= h.lane_limit + 2, queued
+    h.sink.full.discard("slow")
+    h.pipeline.wake()
+    await wait_until(lambda: "slow" in h.sink.ended)
+    assert h.sink.delivered("slow") == list(enumerate(texts))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from speakd.server.pipeline.vocoder_speed import VocoderCost, VocoderSpeed
+from speakd.server.engines.kokoro.vocoder_speed import VocoderCost, VocoderSpeed
 
 GUESS = VocoderCost(fixed_s=0.025, per_frame_s=0.010)
 

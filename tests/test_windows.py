@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures
-from speakd.server.pipeline.vocoder_speed import VocoderCost
-from speakd.server.pipeline.windows import (
+from speakd.server.engines.kokoro.vocoder_speed import VocoderCost
+from speakd.server.engines.kokoro.windows import (
     CONTEXT_FRAMES,
     COST_MARGIN,
     CROSSFADE_SAMPLES,

@@ -107,6 +107,10 @@ class FairQueue(Generic[T]):
             if waiter in self._getters:
                 self._getters.remove(waiter)
 
+    def lane_lengths(self) -> dict[Hashable, int]:
+        """Items queued per owner, for metrics and tests."""
+        return {owner: len(lane) for owner, lane in self._lanes.items()}
+
     def poke(self) -> None:
         """Wake waiting getters to look again (new items, or room opened downstream)."""
         while self._getters:

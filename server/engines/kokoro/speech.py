@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from speakd.server.config import Config
 from speakd.server.engines.kokoro.assets import ModelFiles, prepare_embedded_model
-from speakd.server.engines.kokoro.engine import AcousticRequest, Engine
-from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.engine import SAMPLE_RATE, AcousticRequest, Engine
+from speakd.server.engines.kokoro.g2p import LANGUAGES, EnglishG2P
 from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
+from speakd.server.engines.kokoro.stages import KokoroStages
 from speakd.server.engines.kokoro.torch_weights import ModelDir, load_kmodel, load_official_kmodel
 from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.errors import ConfigError, DependencyError
+from speakd.server.pipeline.pipeline import WarmUpStep
+from speakd.server.pipeline.stage import StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,22 @@ class Speech:
         )
         return speech
 
+    model_id = "kokoro"
+    sample_rate = SAMPLE_RATE
+    languages = LANGUAGES
+
+    @property
+    def voice_names(self) -> list[str]:
+        return self.voices.names
+
+    def language_for(self, voice: str) -> str:
+        """Kokoro names voices by language: "b…" British English; the rest read American English for
+        now (the embedded Japanese voices too, until a Japanese G2P is wired up)."""
+        return "en-gb" if voice.startswith("b") else "en-us"
+
+    def stages(self) -> list[StageSpec]:
+        return KokoroStages(self.g2p, self.engine, self.voices).specs()
+
     def warm_up_requests(self, voice: str) -> list[AcousticRequest]:
         """A short sentence in `voice`, for Pipeline.warm_up: the first client then does not pay for
         lazy allocations."""
@@ -65,6 +85,11 @@ class Speech:
             AcousticRequest(chunk.tokens, self.voices.style(voice, len(chunk.tokens)), 1.0)
             for chunk in self.g2p(WARM_UP_TEXT)
         ]
+
+    def warm_up(self, voice: str) -> tuple[list[WarmUpStep], Any]:
+        """One synthesis of a short sentence through the acoustic and vocoder stages."""
+        steps: list[WarmUpStep] = [("acoustic", self.engine.acoustic), ("vocoder", self.engine.vocode)]
+        return steps, self.warm_up_requests(voice)
 
 
 def _torch_cuda_available() -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from speakd.server.engines.kokoro.engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures
-from speakd.server.pipeline.vocoder_speed import VocoderCost
+from speakd.server.engines.kokoro.vocoder_speed import VocoderCost
 
 CONTEXT_FRAMES = 12
 # Context the first window renders before it (the trimmed lead-in) and after its seam: every frame of

@@ -1,0 +1,118 @@
+"""Kokoro's stages for the pipeline: G2P → acoustic → vocoder, and the items between them.
+
+The acoustic stage (text encoder, prosody, durations) is cheap; the vocoder is where 90 % of the
+FLOPs go. Keeping them apart lets the pipeline overlap one segment's vocoding with the next one's
+acoustic pass, and lets a batched engine group each on its own. A context's first segment is vocoded
+in windows so its first audio leaves early.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest, Engine
+from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.vocoder_speed import VocoderCost, VocoderSpeed
+from speakd.server.engines.kokoro.voices import VoiceBank
+from speakd.server.engines.kokoro.windows import Stitcher, Window, plan_windows
+from speakd.server.pipeline.job import EndMarker, Job, TextItem, WaveformItem
+from speakd.server.pipeline.stage import StageSpec
+
+# A little slower than the ONNX vocoder on 2 CPU cores, until measured here.
+INITIAL_VOCODER_COST = VocoderCost(fixed_s=0.025, per_frame_s=0.010)
+# Frames per phoneme token, to bound acoustic batches before their durations are known: about 2.5-3
+# in running speech, more in short segments (the BOS/EOS pauses).
+FRAMES_PER_TOKEN = 3
+
+
+@dataclass(slots=True)
+class PhonemesItem:
+    job: Job
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class FeaturesItem:
+    """One window of a segment to vocode; the windows of a segment share one stitcher."""
+
+    job: Job
+    index: int
+    text: str
+    features: AcousticFeatures
+    window: Window
+    stitcher: Stitcher
+
+
+def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
+    """An acoustic item's batch cost: the frames it will probably make (BOS/EOS included)."""
+    if isinstance(item, EndMarker):
+        return 0
+    return math.ceil(FRAMES_PER_TOKEN * (len(item.tokens) + 2) / item.job.speed)
+
+
+def _window_frames(item: FeaturesItem | EndMarker) -> int:
+    """A vocoder item's batch cost: the frames its window renders."""
+    return 0 if isinstance(item, EndMarker) else item.window.render_end - item.window.render_start
+
+
+class KokoroStages:
+    """The work of Kokoro's three stages, each run in its stage's thread."""
+
+    def __init__(self, g2p: EnglishG2P, engine: Engine, voices: VoiceBank) -> None:
+        self._g2p = g2p
+        self._engine = engine
+        self._voices = voices
+        # Learnt in the vocoder thread, read by the acoustic thread to size first windows.
+        self._vocoder_speed = VocoderSpeed(INITIAL_VOCODER_COST)
+
+    def specs(self) -> list[StageSpec]:
+        return [
+            StageSpec("g2p", self._phonemize),
+            StageSpec("acoustic", self._acoustic, _phoneme_frames, batched=True),
+            StageSpec("vocoder", self._vocode, _window_frames, batched=True),
+        ]
+
+    def _phonemize(self, items: list[TextItem]) -> list[PhonemesItem]:
+        out = []
+        for item in items:
+            chunks = self._g2p(item.text, item.job.lang)
+            for chunk in chunks:
+                out.append(PhonemesItem(item.job, item.job.segments_made, chunk.text, chunk.tokens))
+                item.job.segments_made += 1
+            item.job.retired_chars += len(item.text)
+        return out
+
+    def _acoustic(self, items: list[PhonemesItem]) -> list[FeaturesItem]:
+        requests = [
+            AcousticRequest(item.tokens, self._voices.style(item.job.voice, len(item.tokens)), item.job.speed)
+            for item in items
+        ]
+        out: list[FeaturesItem] = []
+        for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
+            # Only a context's first segment is worth splitting: later ones render while earlier
+            # audio plays.
+            windows = plan_windows(feats, progressive=item.index == 0, vocoder=self._vocoder_speed.cost)
+            stitcher = Stitcher()
+            out.extend(FeaturesItem(item.job, item.index, item.text, feats, w, stitcher) for w in windows)
+        return out
+
+    def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem]:
+        started = time.perf_counter()
+        rendered = self._engine.vocode([item.window.slice(item.features) for item in items])
+        # A batch costs what its padded size does: its items, each as long as the longest.
+        longest = max(item.window.render_end - item.window.render_start for item in items)
+        self._vocoder_speed.observe(len(items) * longest, time.perf_counter() - started)
+        return [
+            WaveformItem(
+                item.job,
+                item.index,
+                item.text,
+                item.stitcher.add(item.window, wave),
+                last_part=item.window.last,
+            )
+            for item, wave in zip(items, rendered, strict=True)
+        ]
