@@ -1,0 +1,70 @@
+"""What an utterance tells its door, in order: segments, audio, at most one error, then done.
+
+Codes and reasons are protocol v1's (`speakd.protocol` is pure, so the core may speak its vocabulary);
+each door maps them to its own convention: a protocol message, an HTTP status, a Wyoming event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from speakd.protocol import DoneReason, ErrorCode
+
+if TYPE_CHECKING:
+    from speakd.server.core.utterance import Utterance
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentStarted:
+    """A segment's first audio follows; `start_ms` is where it starts in the utterance's audio."""
+
+    index: int
+    text: str
+    start_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """Encoded audio of the current segment: a wire frame, or container bytes (maybe empty at first)."""
+
+    segment: int
+    seq: int
+    data: bytes
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Why the utterance stops early; a `Finished` with reason error or cancel follows."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of an utterance."""
+
+    reason: DoneReason
+    audio_ms: float
+    segments: int
+
+
+Event = SegmentStarted | AudioChunk | Failed | Finished
+
+
+class EventSink(Protocol):
+    """A door's side of an utterance: takes its events on the event loop."""
+
+    def has_room(self, utterance: Utterance) -> bool:
+        """Whether more audio may be produced for `utterance` now (back-pressure)."""
+        ...
+
+    def emit(self, utterance: Utterance, event: Event) -> bool:
+        """Queue `event`; False when audio was refused (the door may have aborted the utterance)."""
+        ...
+
+    def retract(self, utterance: Utterance) -> None:
+        """Withdraw `utterance`'s audio not yet sent (it was cancelled)."""
+        ...

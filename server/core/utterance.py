@@ -1,0 +1,198 @@
+"""One utterance: text in (feed, flush, end, cancel), events out, through the shared pipeline.
+
+It owns what every door must get the same: the text budget, segmentation, the order of events,
+cancel reaching queued work in every stage, and back-pressure from the door's reader. It is the
+pipeline job's sink, so results arrive here on the event loop and leave as events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from speakd.protocol import DoneReason, ErrorCode
+from speakd.server.audio.encoders import Frame
+from speakd.server.core.errors import RequestRefused
+from speakd.server.core.events import AudioChunk, Event, EventSink, Failed, Finished, SegmentStarted
+from speakd.server.core.segmenter import Segmenter
+from speakd.server.errors import SynthesisError
+from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.job import AudioEncoder, EncodedSegment, Job
+from speakd.server.pipeline.pipeline import Pipeline
+
+
+class Utterance:
+    """An open utterance; it closes itself with exactly one `Finished` event (or silently on `drop`)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        voice: str,
+        lang: str,
+        speed: float,
+        encoder: AudioEncoder,
+        sample_rate: int,
+        segmenter: Segmenter,
+        text_budget: int,
+        pipeline: Pipeline,
+        sink: EventSink,
+        metrics: SpeakdMetrics,
+        on_closed: Callable[[Utterance], None],
+    ) -> None:
+        self.name = name
+        self.sample_rate = sample_rate
+        self._segmenter = segmenter
+        self._text_budget = text_budget
+        self._pipeline = pipeline
+        self._sink = sink
+        self._metrics = metrics
+        self._on_closed = on_closed
+        self._job = Job(context=name, voice=voice, lang=lang, speed=speed, encoder=encoder, sink=self)
+        self.ending = False
+        self.closed = False
+        self.segments = 0
+        self.samples = 0
+        self._seq = 0
+        self._last_segment = -1
+        self._first_submit_at: float | None = None
+        self._audio_started = False
+
+    @property
+    def voice(self) -> str:
+        return self._job.voice
+
+    @property
+    def encoder(self) -> AudioEncoder:
+        return self._job.encoder
+
+    @property
+    def audio_ms(self) -> float:
+        return self.samples * 1000.0 / self.sample_rate
+
+    @property
+    def held_chars(self) -> int:
+        """Text taken but not yet through the first stage: what counts against the text budget."""
+        return self._segmenter.buffered_chars + self._job.pending_chars
+
+    # -- what a door asks ----------------------------------------------------------------------------
+
+    def feed(self, text: str) -> None:
+        """More text; refused (and nothing taken) when it would exceed the text budget."""
+        self._check_open()
+        held = self.held_chars
+        if held + len(text) > self._text_budget:
+            raise RequestRefused(
+                ErrorCode.TEXT_TOO_LONG,
+                f"context {self.name!r} would hold {held + len(text)} characters not yet synthesized; "
+                f"the limit is {self._text_budget}: wait for audio, then send more",
+                self.name,
+            )
+        self._submit(self._segmenter.feed(text))
+
+    def flush(self) -> None:
+        """Synthesize what is buffered now, even mid-sentence."""
+        self._check_open()
+        self._submit(self._segmenter.flush())
+
+    def end(self) -> None:
+        """No more text: synthesize the rest, then finish with reason end."""
+        self._check_open()
+        self._submit(self._segmenter.flush())
+        self.ending = True
+        self._pipeline.end(self._job)
+
+    def cancel(self, reason: DoneReason = DoneReason.CANCEL) -> None:
+        """Stop now: queued work leaves every stage, unsent audio is withdrawn, `Finished` follows."""
+        if self.closed:
+            return
+        self._pipeline.cancel(self._job)
+        self._sink.retract(self)
+        self._close(reason)
+
+    def abort(self, code: ErrorCode, message: str, reason: DoneReason = DoneReason.ERROR) -> None:
+        """Stop with an error event first (overload, shutdown), then as `cancel`."""
+        if self.closed:
+            return
+        self._fail_event(code, message)
+        self.cancel(reason)
+
+    def drop(self) -> None:
+        """The reader is gone: stop all work and send nothing."""
+        if self.closed:
+            return
+        self._pipeline.cancel(self._job)
+        self.closed = True
+        self._on_closed(self)
+
+    def _check_open(self) -> None:
+        if self.ending or self.closed:
+            raise RequestRefused(
+                ErrorCode.UNKNOWN_CONTEXT, f"context {self.name!r} has ended; wait for done", self.name
+            )
+
+    def _submit(self, segments: Sequence[str]) -> None:
+        for segment in segments:
+            if self._first_submit_at is None:
+                self._first_submit_at = time.perf_counter()
+            self._pipeline.submit(self._job, segment)
+
+    # -- results from the pipeline (JobSink) ------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return self._sink.has_room(self)
+
+    def deliver(self, job: Job, segment: EncodedSegment) -> None:
+        if self.closed or job.cancelled or not segment.frames:
+            return
+        if not self._audio_started and self._first_submit_at is not None:
+            self._audio_started = True
+            self._metrics.time_to_first_audio.observe(time.perf_counter() - self._first_submit_at)
+        if segment.index != self._last_segment:
+            # A segment rendered in parts arrives in parts: announce it before its first frame only.
+            self._last_segment = segment.index
+            self.segments += 1
+            self._metrics.segments.inc()
+            self._emit(SegmentStarted(segment.index, segment.text, self.audio_ms))
+        self._send_frames(segment.frames)
+
+    def finish(self, job: Job, tail: Sequence[Frame]) -> None:
+        if self.closed:
+            return
+        if self.segments:
+            self._send_frames(tail)
+        self._close(DoneReason.END)
+
+    def fail(self, job: Job, error: SynthesisError) -> None:
+        if self.closed:
+            return
+        self._sink.retract(self)
+        self._fail_event(ErrorCode.INTERNAL, str(error))
+        self._close(DoneReason.ERROR)
+
+    def _send_frames(self, frames: Sequence[Frame]) -> None:
+        for frame in frames:
+            if self._job.cancelled:
+                return
+            chunk = AudioChunk(self._last_segment, self._seq, frame.data, frame.samples)
+            if not self._emit(chunk):
+                return
+            self._seq += 1
+            self.samples += frame.samples
+            self._metrics.audio_seconds.inc(frame.samples / self.sample_rate)
+
+    def _fail_event(self, code: ErrorCode, message: str) -> None:
+        self._metrics.errors.labels(code=code.value).inc()
+        self._emit(Failed(code, message))
+
+    def _close(self, reason: DoneReason) -> None:
+        # The session forgets it first, so a door that sees `Finished` sees its session without it.
+        self.closed = True
+        self._on_closed(self)
+        self._emit(Finished(reason, self.audio_ms, self.segments))
+
+    def _emit(self, event: Event) -> bool:
+        return self._sink.emit(self, event)
+
+    def __repr__(self) -> str:
+        return f"Utterance({self.name!r}, closed={self.closed})"

@@ -1,0 +1,318 @@
+"""The synthesis core, tested once for every door: admission, validation, the text budget,
+segmentation, event order, cancel reaching every stage, back-pressure from a slow reader, shutdown.
+
+The core runs the real pipeline on a fake model (tests/core_fakes.py); its sink is the real
+`EventStream` the HTTP doors read from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from speakd.protocol import DoneReason, ErrorCode
+from speakd.server.audio.encoders import Pcm16FrameEncoder
+from speakd.server.core.errors import Busy, RequestRefused
+from speakd.server.core.event_stream import EventStream
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted
+from speakd.server.core.synthesis import Session, SynthesisCore
+from speakd.server.core.utterance import Utterance
+from speakd.server.engines.kokoro.engine import AcousticFeatures
+from tests.core_fakes import VOICE, FakeEngine, running_core
+
+FRAME_BYTES = 960  # 20 ms of PCM16 at 24 kHz
+
+
+class GatedEngine(FakeEngine):
+    """Holds every vocoder call until `gate` opens: work piles up behind it."""
+
+    def __init__(self, frames: int = 4) -> None:
+        super().__init__(frames)
+        self.gate = threading.Event()
+
+    def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
+        assert self.gate.wait(10), "test left the vocoder gate closed"
+        return super().vocode(batch)
+
+
+def open_pcm(session: Session, name: str = "u", voice: str | None = None, lang: str = "en-us") -> Utterance:
+    return session.open(
+        name,
+        voice=voice,
+        lang=lang,
+        speed=1.0,
+        encoder=lambda: Pcm16FrameEncoder(24000, 20),
+        sample_rate=24000,
+    )
+
+
+def stream_for(core: SynthesisCore, limit_bytes: int = 1 << 20) -> EventStream:
+    return EventStream(limit_bytes, core.pipeline.wake)
+
+
+async def collect(stream: EventStream, limit_s: float = 10.0) -> list[Event]:
+    """Every event up to `Finished`; the limit only fires on a hang."""
+
+    async def gather() -> list[Event]:
+        return [event async for event in stream]
+
+    return await asyncio.wait_for(gather(), limit_s)
+
+
+async def wait_until(condition: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Poll `condition`; the limit only fires on a hang."""
+    for _ in range(int(limit_s / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
+def segments(events: list[Event]) -> list[str]:
+    return [event.text for event in events if isinstance(event, SegmentStarted)]
+
+
+# -- admission and validation ----------------------------------------------------------------------
+
+
+async def test_sessions_are_counted_at_admission_and_released_on_close() -> None:
+    async with running_core({"limits.max_connections": 2}) as core:
+        first, second = core.admit(stream_for(core)), core.admit(stream_for(core))
+        with pytest.raises(Busy, match="at most 2"):
+            core.admit(stream_for(core))
+        assert core.metrics.connections.value == 2.0
+        first.close()
+        first.close()  # idempotent: the place is given back once
+        third = core.admit(stream_for(core))
+        assert core.sessions == 2 and core.metrics.connections.value == 2.0
+        second.close()
+        third.close()
+        assert core.sessions == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"voice": "nobody"}, ErrorCode.UNKNOWN_VOICE),
+        ({"lang": "xx"}, ErrorCode.INVALID_PARAM),
+    ],
+)
+async def test_an_utterance_asking_for_what_the_model_lacks_is_refused(
+    kwargs: dict[str, str], code: ErrorCode
+) -> None:
+    async with running_core() as core:
+        session = core.admit(stream_for(core))
+        with pytest.raises(RequestRefused) as refused:
+            open_pcm(session, **kwargs)
+        assert refused.value.code is code and refused.value.context == "u"
+        assert len(session) == 0 and core.metrics.contexts.value == 0.0
+        assert open_pcm(session).voice == VOICE  # the default voice
+        session.close()
+
+
+async def test_duplicate_names_and_too_many_utterances_are_refused() -> None:
+    async with running_core({"limits.max_contexts_per_connection": 2}) as core:
+        session = core.admit(stream_for(core))
+        open_pcm(session, "a")
+        with pytest.raises(RequestRefused) as duplicate:
+            open_pcm(session, "a")
+        assert duplicate.value.code is ErrorCode.DUPLICATE_CONTEXT
+        open_pcm(session, "b")
+        with pytest.raises(RequestRefused) as too_many:
+            open_pcm(session, "c")
+        assert too_many.value.code is ErrorCode.TOO_MANY_CONTEXTS
+        session.close()
+        assert core.metrics.contexts.value == 0.0
+
+
+# -- text in, events out -----------------------------------------------------------------------
+
+
+async def test_text_fed_in_pieces_comes_out_as_segments_then_done() -> None:
+    async with running_core() as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        for token in [
+            "The",
+            "first",
+            "sentence",
+            "is",
+            "here.",
+            "And",
+            "then",
+            "a",
+            "second",
+            "one",
+            "follows",
+        ]:
+            utterance.feed(token + " ")
+        utterance.end()
+        events = await collect(stream)
+        assert segments(events) == ["The first sentence is here.", "And then a second one follows"]
+        assert isinstance(events[0], SegmentStarted)
+        audio = [event for event in events if isinstance(event, AudioChunk)]
+        assert [chunk.seq for chunk in audio] == list(range(len(audio)))
+        assert all(len(chunk.data) == FRAME_BYTES for chunk in audio)
+        done = events[-1]
+        assert isinstance(done, Finished) and done.reason is DoneReason.END and done.segments == 2
+        assert done.audio_ms == pytest.approx(200.0)  # two fake segments of 100 ms
+        assert len(session) == 0 and core.metrics.contexts.value == 0.0
+        with pytest.raises(RequestRefused, match="has ended"):
+            utterance.feed("more")
+        session.close()
+
+
+async def test_the_text_budget_refuses_text_and_takes_none_of_it() -> None:
+    async with running_core({"limits.max_buffered_text_chars": 40}) as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("twenty characters -- ")  # no sentence end: held by the segmenter
+        with pytest.raises(RequestRefused) as refused:
+            utterance.feed("and twenty-one more.")
+        assert refused.value.code is ErrorCode.TEXT_TOO_LONG and "limit is 40" in refused.value.message
+        assert utterance.held_chars == len("twenty characters -- ")
+        utterance.feed("fits")
+        utterance.end()
+        events = await collect(stream)
+        assert segments(events) == ["twenty characters -- fits"]
+        session.close()
+
+
+async def test_cancel_reaches_queued_work_in_every_stage_and_withdraws_unsent_audio() -> None:
+    engine = GatedEngine()
+    async with running_core(engine=engine) as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("One. Two. Three. Four. Five. Six. Seven. Eight. ")
+        await wait_until(lambda: sum(core.pipeline.depths().values()) >= 3)
+        utterance.cancel()
+        assert core.pipeline.depths() == dict.fromkeys(core.pipeline.stage_names, 0)
+        engine.gate.set()
+        events = await collect(stream)
+        assert [type(event) for event in events] == [Finished]
+        assert isinstance(events[0], Finished) and events[0].reason is DoneReason.CANCEL
+        utterance.cancel()  # a second cancel is a no-op, not a second done
+        await asyncio.sleep(0.05)
+        assert stream.buffered_bytes == 0
+        session.close()
+
+
+async def test_abort_sends_its_error_before_done() -> None:
+    async with running_core() as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("Some words.")
+        utterance.abort(ErrorCode.OVERLOADED, "too slow")
+        events = await collect(stream)
+        assert [type(event) for event in events] == [Failed, Finished]
+        failed, done = events
+        assert isinstance(failed, Failed) and failed.code is ErrorCode.OVERLOADED
+        assert isinstance(done, Finished) and done.reason is DoneReason.ERROR
+        assert core.metrics.errors.labels(code="overloaded").value == 1.0
+        session.close()
+
+
+async def test_a_session_closed_mid_utterance_leaves_no_work_and_no_gauges() -> None:
+    engine = GatedEngine()
+    async with running_core(engine=engine) as core:
+        session = core.admit(stream_for(core))
+        utterance = open_pcm(session)
+        utterance.feed("One. Two. Three. Four. Five. Six. ")
+        await wait_until(lambda: sum(core.pipeline.depths().values()) >= 2)
+        session.close()
+        assert utterance.closed
+        assert core.pipeline.depths() == dict.fromkeys(core.pipeline.stage_names, 0)
+        assert (core.metrics.contexts.value, core.metrics.connections.value) == (0.0, 0.0)
+        engine.gate.set()
+
+
+# -- back-pressure -----------------------------------------------------------------------
+
+
+async def test_a_reader_that_does_not_read_stalls_only_its_own_utterance() -> None:
+    """A stream with room for two frames: its utterance's work stops at the encoder and its lanes stay
+    bounded, while another session's utterance goes all the way through. Reading resumes it."""
+    async with running_core(lane_limit=2) as core:
+        slow_stream = EventStream(2 * FRAME_BYTES, core.pipeline.wake)
+        slow = open_pcm(core.admit(slow_stream), "slow")
+        texts = [f"Sentence number {i} is right here." for i in range(12)]
+        slow.feed(" ".join(texts))
+        slow.end()
+        await wait_until(lambda: slow_stream.buffered_bytes >= 2 * FRAME_BYTES)
+        fast_stream = stream_for(core)
+        fast = open_pcm(core.admit(fast_stream), "fast")
+        fast.feed("A quick one. And another.")
+        fast.end()
+        fast_events = await collect(fast_stream)
+        assert segments(fast_events) == ["A quick one.", "And another."]
+        for stage, lanes in core.pipeline.lanes().items():
+            if stage != "g2p":  # text waiting for G2P is bounded by the text budget instead
+                assert all(count <= 2 + 1 for count in lanes.values()), (stage, lanes)
+        # One segment's frames may land past the bound (a segment is encoded whole), never more.
+        assert slow_stream.buffered_bytes <= 2 * FRAME_BYTES + 5 * FRAME_BYTES
+        events = await collect(slow_stream)
+        assert segments(events) == texts
+        chunks = [event for event in events if isinstance(event, AudioChunk)]
+        assert [chunk.seq for chunk in chunks] == list(range(len(texts) * 5))
+
+
+# -- shutdown -----------------------------------------------------------------------
+
+
+async def test_shutdown_lets_utterances_finish_then_refuses_new_ones() -> None:
+    async with running_core() as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("Finish this sentence please.")
+        utterance.end()
+        await asyncio.wait_for(core.shutdown(grace_s=30), 10)
+        events = await collect(stream)
+        assert isinstance(events[-1], Finished) and events[-1].reason is DoneReason.END
+        with pytest.raises(RequestRefused) as refused:
+            open_pcm(session, "late")
+        assert refused.value.code is ErrorCode.SHUTTING_DOWN
+        with pytest.raises(Busy):
+            core.admit(stream_for(core))
+        session.close()
+
+
+async def test_shutdown_cuts_off_what_outlasts_the_grace_with_shutting_down() -> None:
+    engine = GatedEngine()
+    async with running_core(engine=engine) as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("This never gets vocoded in time.")
+        utterance.end()
+        await core.shutdown(grace_s=0.05)
+        engine.gate.set()
+        events = await collect(stream)
+        assert [type(event) for event in events] == [Failed, Finished]
+        assert isinstance(events[0], Failed) and events[0].code is ErrorCode.SHUTTING_DOWN
+        session.close()
+
+
+async def test_shutdown_does_not_wait_out_the_grace_when_the_client_leaves() -> None:
+    """Regression: a client that left during shutdown used to make it wait the whole grace period."""
+    engine = GatedEngine()
+    async with running_core(engine=engine) as core:
+        session = core.admit(stream_for(core))
+        utterance = open_pcm(session)
+        utterance.feed("Held in the vocoder.")
+        utterance.end()
+        stopping = asyncio.create_task(core.shutdown(grace_s=600))
+        await asyncio.sleep(0.05)
+        assert not stopping.done()
+        session.close()
+        await asyncio.wait_for(stopping, 10)  # far below the 600 s grace
+        engine.gate.set()
