@@ -1,8 +1,8 @@
-"""The aiohttp application: the WebSocket endpoint and the HTTP endpoints beside it.
+"""The aiohttp application: every door on one host and port, and the model loaded behind them.
 
 The model loads in a background task after the socket is bound, so `/healthz` answers at once and
-`/readyz` says 503 until the model is warm. Shutdown is ordered: stop accepting, let connections
-finish or cancel their contexts (on_shutdown), then stop the pipeline (cleanup context).
+`/readyz` says 503 until the model is warm. Shutdown is ordered: stop accepting, let sessions finish
+or cancel their utterances (on_shutdown), then stop the pipeline (cleanup context).
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ from aiohttp import web
 
 from speakd.protocol import PATH
 from speakd.server.config import Config
-from speakd.server.engines.kokoro.g2p import LANGUAGES
+from speakd.server.core.errors import Busy
+from speakd.server.core.synthesis import SynthesisCore
+from speakd.server.engines.backend import SpeechBackend
 from speakd.server.engines.kokoro.speech import Speech
+from speakd.server.frontends import openai_speech, status
+from speakd.server.frontends.auth import (
+    DEFAULT_PUBLIC_PATHS,
+    WS_SUBPROTOCOL,
+    AccessTokens,
+    auth_middleware,
+)
+from speakd.server.frontends.keys import CONFIG, LOADER, METRICS, STOP, loaded_core
 from speakd.server.frontends.websocket import Connection
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.fair_queue import BatchLimits
@@ -26,33 +36,23 @@ from speakd.server.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-METRICS = web.AppKey("metrics", SpeakdMetrics)
-CONNECTIONS: web.AppKey[set[Connection]] = web.AppKey("connections")
-LOADER: web.AppKey[asyncio.Task[tuple[Speech, Pipeline]]] = web.AppKey("loader")
-# Set by a signal or by a model that cannot load: the daemon's run loop waits on it.
-STOP = web.AppKey("stop", asyncio.Event)
+__all__ = ["STOP", "create_app", "load_error"]
 
 
-def _loaded(app: web.Application) -> tuple[Speech, Pipeline] | None:
-    loader = app[LOADER]
-    if loader.done() and not loader.cancelled() and loader.exception() is None:
-        loaded: tuple[Speech, Pipeline] = loader.result()
-        return loaded
-    return None
+def load_backend(config: Config) -> SpeechBackend:
+    """Blocking: the model named by the configuration (Kokoro, embedded or official weights)."""
+    return Speech.load(config)
 
 
-async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
+async def _load(app: web.Application) -> SynthesisCore:
     config = app[CONFIG]
-    speech = await asyncio.to_thread(Speech.load, config)
+    backend = await asyncio.to_thread(load_backend, config)
     pipeline = Pipeline(
-        g2p=speech.g2p,
-        engine=speech.engine,
-        voices=speech.voices,
+        stages=backend.stages(),
         metrics=app[METRICS],
         lane_limit=config.pipeline.max_queued_per_context,
         batching=BatchLimits(
-            speech.max_batch,
+            backend.max_batch,
             max_cost=config.pipeline.max_batch_frames,
             linger_s=config.pipeline.batch_linger_ms / 1000,
         ),
@@ -60,16 +60,16 @@ async def _load(app: web.Application) -> tuple[Speech, Pipeline]:
     )
     started = time.perf_counter()
     try:
-        requests = await asyncio.to_thread(speech.warm_up_requests, config.model.default_voice)  # G2P
-        await pipeline.warm_up(requests)
+        steps, first_input = await asyncio.to_thread(backend.warm_up, config.model.default_voice)
+        await pipeline.warm_up(steps, first_input)
     except BaseException:
         await pipeline.close()
         raise
     logger.info("model warmed up in %.2f s", time.perf_counter() - started)
     await pipeline.start()
     app[METRICS].ready.set(1)
-    logger.info("ready: voices %s, default %s", ", ".join(speech.voices.names), config.model.default_voice)
-    return speech, pipeline
+    logger.info("ready: voices %s, default %s", ", ".join(backend.voice_names), config.model.default_voice)
+    return SynthesisCore(backend=backend, pipeline=pipeline, config=config, metrics=app[METRICS])
 
 
 def load_error(app: web.Application) -> BaseException | None:
@@ -84,7 +84,7 @@ def load_error(app: web.Application) -> BaseException | None:
 async def _speech_context(app: web.Application) -> AsyncIterator[None]:
     loader = asyncio.create_task(_load(app), name="speakd-load")
 
-    def stop_on_failure(task: asyncio.Task[tuple[Speech, Pipeline]]) -> None:
+    def stop_on_failure(task: asyncio.Task[SynthesisCore]) -> None:
         if load_error(app) is not None:
             app[STOP].set()
 
@@ -93,89 +93,62 @@ async def _speech_context(app: web.Application) -> AsyncIterator[None]:
     yield
     loader.cancel()
     await asyncio.gather(loader, return_exceptions=True)
-    loaded = _loaded(app)
-    if loaded is not None:
-        await loaded[1].close()
+    core = loaded_core(app)
+    if core is not None:
+        await core.pipeline.close()
 
 
-async def _close_connections(app: web.Application) -> None:
+async def _shut_sessions(app: web.Application) -> None:
     app[METRICS].ready.set(0)
-    grace = app[CONFIG].server.shutdown_grace_s
-    connections: set[Connection] = app[CONNECTIONS]
-    await asyncio.gather(*(conn.shutdown(grace) for conn in list(connections)), return_exceptions=True)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
-
-
-async def readyz(request: web.Request) -> web.Response:
-    loader = request.app[LOADER]
-    if _loaded(request.app) is not None:
-        return web.Response(text="ready\n")
-    if loader.done() and not loader.cancelled():
-        return web.Response(status=503, text=f"model failed to load: {loader.exception()}\n")
-    return web.Response(status=503, text="loading\n")
-
-
-async def voices(request: web.Request) -> web.Response:
-    loaded = _loaded(request.app)
-    if loaded is None:
-        return web.json_response({"error": "model not loaded yet"}, status=503)
-    default = request.app[CONFIG].model.default_voice
-    return web.json_response(
-        [
-            {"name": name, "default": name == default, "languages": list(LANGUAGES)}
-            for name in loaded[0].voices.names
-        ]
-    )
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].registry.render()
-    return web.Response(
-        body=body.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
+    core = loaded_core(app)
+    if core is not None:
+        await core.shutdown(app[CONFIG].server.shutdown_grace_s)
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    loaded = _loaded(app)
-    if loaded is None:
-        raise web.HTTPServiceUnavailable(text="the model is still loading; retry when /readyz says ready\n")
-    config = app[CONFIG]
-    if len(app[CONNECTIONS]) >= config.limits.max_connections:
-        raise web.HTTPServiceUnavailable(text=f"at most {config.limits.max_connections} connections\n")
-    speech, pipeline = loaded
+    core = loaded_core(request.app)
+    if core is None:
+        raise web.HTTPServiceUnavailable(
+            text="the model is still loading; retry when /readyz says ready\n", headers={"Retry-After": "1"}
+        )
+    config = core.config
     # aiohttp closes with 1009 past its own cap; below it we answer message_too_large and stay open.
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max(4 * config.limits.max_message_bytes, 1 << 20))
-    await ws.prepare(request)
-    conn = Connection(
-        ws, request.transport, pipeline=pipeline, voices=speech.voices, config=config, metrics=app[METRICS]
+    # A browser offers `speakd.v1` (and its token, which the auth middleware has taken out): answer it.
+    ws = web.WebSocketResponse(
+        heartbeat=30.0,
+        max_msg_size=max(4 * config.limits.max_message_bytes, 1 << 20),
+        protocols=(WS_SUBPROTOCOL,),
     )
-    app[CONNECTIONS].add(conn)
-    app[METRICS].connections.inc()
-    app[METRICS].connections_total.inc()
     try:
+        conn = Connection(ws, request.transport, core=core)  # counts the session before the upgrade
+    except Busy as exc:
+        raise web.HTTPServiceUnavailable(
+            text=f"{exc}\n", headers={"Retry-After": str(exc.retry_after_s)}
+        ) from exc
+    try:
+        await ws.prepare(request)
         await conn.serve()
     finally:
-        app[CONNECTIONS].discard(conn)
-        app[METRICS].connections.dec()
+        conn.close()
     return ws
 
 
-def create_app(config: Config) -> web.Application:
-    app = web.Application()
+PUBLIC_PATHS = DEFAULT_PUBLIC_PATHS | openai_speech.PUBLIC_PATHS | {"/v1/voices"}
+"""What answers without a token: health checks and the voice and model listings (Open WebUI fetches
+those without credentials; they reveal only names)."""
+
+
+def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Application:
+    """The application; `tokens` default to those of auth.token_file."""
+    if tokens is None:
+        tokens = AccessTokens.for_config(config.auth.token_file)
+    app = web.Application(middlewares=[auth_middleware(tokens, config.auth.allowed_origins, PUBLIC_PATHS)])
     app[CONFIG] = config
     app[METRICS] = SpeakdMetrics()
-    connections: set[Connection] = set()
-    app[CONNECTIONS] = connections
     app[STOP] = asyncio.Event()
     app.cleanup_ctx.append(_speech_context)
-    app.on_shutdown.append(_close_connections)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/v1/voices", voices)
-    app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(_shut_sessions)
+    status.add_routes(app)
+    openai_speech.add_routes(app)
     app.router.add_get(PATH, stream)
     return app

@@ -14,6 +14,7 @@ from aiohttp import web
 from speakd.server.config import Config, load_config
 from speakd.server.dependencies import check_dependencies
 from speakd.server.errors import SpeakdError
+from speakd.server.frontends.auth import AccessTokens, check_bind, install_log_redaction
 
 logger = logging.getLogger("speakd")
 
@@ -44,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", help="torch engine device: auto, cpu, cuda or cuda:N (default auto)")
     serve.add_argument("--threads", type=int, help="inference threads per stage (default: all cores)")
+    serve.add_argument(
+        "--token-file",
+        help="file of access tokens, one per line (or sha256:<hex> of one); with any, every endpoint but "
+        "/healthz, /readyz and the voice and model lists needs one (default: auth.token_file)",
+    )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_const",
+        const=True,
+        help="listen on a non-loopback address without a token (only behind something that authenticates)",
+    )
     return parser
 
 
@@ -58,14 +70,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "model.engine": args.engine,
         "model.device": args.device,
         "model.threads": args.threads,
+        "auth.token_file": args.token_file,
+        "auth.allow_unauthenticated": args.allow_unauthenticated,
     }
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, tokens: AccessTokens) -> None:
     from speakd.server.app import STOP, create_app, load_error
 
-    app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s + 5.0)
+    app = create_app(config, tokens)
+    # handler_cancellation: a client that hangs up mid-request cancels its handler, so its synthesis
+    # leaves every stage at once instead of when the next write fails.
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_grace_s + 5.0,
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()
@@ -89,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config, _overrides(args))
+        tokens = AccessTokens.for_config(config.auth.token_file)
+        check_bind(config.server.host, bool(tokens), config.auth.allow_unauthenticated)
     except SpeakdError as exc:
         print(f"speakd: {exc}", file=sys.stderr)
         return 2
@@ -97,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction()
+    if tokens:
+        logger.info("access tokens: %d configured", len(tokens))
     try:
         check_dependencies()
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, tokens))
     except SpeakdError as exc:
         logger.critical("cannot start: %s", exc)
         return 1

@@ -109,6 +109,27 @@ class AudioSection:
 
 
 @dataclass(frozen=True)
+class OpenAISection:
+    """The OpenAI-compatible speech API: request bounds, and OpenAI voice names mapped to ours."""
+
+    max_input_chars: int = 4096
+    max_body_bytes: int = 65536
+    # OpenAI voice name -> speakd voice, e.g. {alloy = "af_alloy"}; names not here resolve as the
+    # README says (a voice of the model named *_<name>, else the default voice).
+    voices: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """Access tokens and the browser Origin allow-list; see frontends/auth.py."""
+
+    token_file: str = ""
+    allowed_origins: tuple[str, ...] = ()
+    # Listen on a non-loopback address with no token: only when something in front authenticates.
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `Config()` is the built-in defaults."""
 
@@ -117,6 +138,8 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     audio: AudioSection = field(default_factory=AudioSection)
+    openai: OpenAISection = field(default_factory=OpenAISection)
+    auth: AuthSection = field(default_factory=AuthSection)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -144,7 +167,38 @@ def default_cache_dir() -> Path:
 # so that adding a field is all it takes to accept a new key.
 _SECTIONS: dict[str, type[Any]] = {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
 _KEY_TYPES: dict[str, dict[str, type[Any]]] = {name: get_type_hints(cls) for name, cls in _SECTIONS.items()}
-_TYPE_NAMES: dict[type[Any], str] = {str: "a string", int: "an integer", float: "a finite number"}
+_TYPE_NAMES: dict[Any, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a finite number",
+    bool: "true or false",
+    tuple[str, ...]: "a list of strings",
+    dict[str, str]: "a table of strings",
+}
+
+
+def _conform(value: object, expected: Any) -> object | None:
+    """`value` as the declared type (a list becomes a tuple, an int a float), or None if it is not one."""
+    if expected is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if expected is float and isinstance(value, int):
+        value = float(value)
+    if expected == tuple[str, ...]:
+        if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        return None
+    if expected == dict[str, str]:
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return {str(k): str(v) for k, v in value.items()}
+        return None
+    if not isinstance(value, expected) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    conformed: object = value
+    return conformed
 
 
 def _positive(value: Any) -> bool:
@@ -191,6 +245,10 @@ _RULES: dict[str, _Rule] = {
         f"0 (automatic) or between {OPUS_MIN_BITRATE} and {OPUS_MAX_BITRATE}",
     ),
     "audio.opus_complexity": (lambda v: 0 <= v <= 10, "between 0 and 10"),
+    "openai.max_input_chars": _POSITIVE,
+    "openai.max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
+    "openai.voices": (lambda v: all(k and t for k, t in v.items()), "a table of non-empty voice names"),
+    "auth.allowed_origins": (lambda v: all(v), "a list of origins such as 'https://chat.example.com' or '*'"),
 }
 
 
@@ -257,14 +315,10 @@ def _apply(values: dict[str, dict[str, object]], dotted: str, value: object, whe
     expected = _KEY_TYPES[section].get(key)
     if expected is None:
         raise ConfigError(f"{where}unknown key {dotted!r}{_key_hint(section, key)}")
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, expected)
-        or (isinstance(value, float) and not math.isfinite(value))
-    ):
+    conformed = _conform(value, expected)
+    if conformed is None:
         raise ConfigError(f"{where}{dotted} must be {_TYPE_NAMES[expected]}, got {_describe(value)}")
+    value = conformed
     rule = _RULES.get(dotted)
     if rule is not None and not rule[0](value):
         raise ConfigError(f"{where}{dotted} must be {rule[1]}, got {_SHORT.repr(value)}")

@@ -1,7 +1,9 @@
-"""One WebSocket connection: its contexts, their segmenters, and a send buffer bounded in bytes.
+"""The native door: protocol v1 over one WebSocket, an adapter over the synthesis core.
 
 The reader and the writer are separate tasks, so a client that stops reading stalls only its own
-writer; its buffer then overflows into an `overloaded` error instead of growing without limit.
+writer. Protocol v1 promises `overloaded` rather than a stall: audio that would push the send buffer
+past `limits.max_outbound_bytes` aborts the connection's contexts with that error, so this door
+always has room (it never holds the pipeline back) and its buffer stays bounded in bytes.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -36,43 +36,20 @@ from speakd.protocol import (
     encode,
     text_frame_error,
 )
-from speakd.server.audio.encoders import Frame, make_encoder
-from speakd.server.config import Config
-from speakd.server.core.segmenter import Segmenter
-from speakd.server.engines.kokoro.g2p import LANGUAGES
-from speakd.server.engines.kokoro.voices import VoiceBank
-from speakd.server.errors import SynthesisError
-from speakd.server.metrics import SpeakdMetrics
-from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
+from speakd.server.audio.encoders import make_encoder
+from speakd.server.core.errors import RequestRefused
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted
+from speakd.server.core.synthesis import Session, SynthesisCore
+from speakd.server.core.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class _Context:
-    """What the connection keeps per open context, beside the pipeline's job."""
-
-    job: Job
-    segmenter: Segmenter
-    sample_rate: int
-    ending: bool = False
-    segments: int = 0
-    samples: int = 0
-    seq: int = 0
-    last_segment: int = -1
-    first_submit_at: float | None = None
-    audio_started: bool = False
-
-    @property
-    def audio_ms(self) -> float:
-        return self.samples * 1000.0 / self.sample_rate
-
-
-@dataclass(slots=True)
 class _Outbound:
-    """Encoded frames waiting for the socket; audio of a cancelled context can be taken back."""
+    """Encoded messages waiting for the socket; audio of a cancelled context can be taken back."""
 
-    frames: deque[tuple[Job | None, bool, bytes]] = field(default_factory=deque)
+    frames: deque[tuple[Utterance | None, bytes]] = field(default_factory=deque)
     size: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     empty: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,22 +57,23 @@ class _Outbound:
     def __post_init__(self) -> None:
         self.empty.set()
 
-    def push(self, owner: Job | None, retractable: bool, data: bytes) -> None:
-        self.frames.append((owner, retractable, data))
+    def push(self, owner: Utterance | None, data: bytes) -> None:
+        """`owner` is set for audio only: that is what a cancel withdraws."""
+        self.frames.append((owner, data))
         self.size += len(data)
         self.ready.set()
         self.empty.clear()
 
-    def retract(self, owner: Job) -> None:
-        kept = deque(entry for entry in self.frames if not (entry[0] is owner and entry[1]))
-        self.size = sum(len(entry[2]) for entry in kept)
+    def retract(self, owner: Utterance) -> None:
+        kept = deque(entry for entry in self.frames if entry[0] is not owner)
+        self.size = sum(len(entry[1]) for entry in kept)
         self.frames = kept
         if not kept:
             self.ready.clear()
             self.empty.set()
 
     def pop(self) -> bytes:
-        _, _, data = self.frames.popleft()
+        _, data = self.frames.popleft()
         self.size -= len(data)
         if not self.frames:
             self.ready.clear()
@@ -104,32 +82,32 @@ class _Outbound:
 
 
 class Connection:
-    """Runs one client's session: decode, validate, feed the pipeline, send results in order."""
+    """Runs one client's session: decode, validate, drive the core, send its events in order."""
 
     def __init__(
-        self,
-        ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None,
-        *,
-        pipeline: Pipeline,
-        voices: VoiceBank,
-        config: Config,
-        metrics: SpeakdMetrics,
+        self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None, *, core: SynthesisCore
     ) -> None:
+        """Admits the session at once (raises `Busy`), so a door counts it before answering."""
         self._ws = ws
         self._transport = transport
-        self._pipeline = pipeline
-        self._voices = voices
-        self._config = config
-        self._limits = config.limits
-        self._metrics = metrics
-        self._contexts: dict[str, _Context] = {}
+        self._core = core
+        self._config = core.config
+        self._limits = core.config.limits
+        self._metrics = core.metrics
         self._outbound = _Outbound()
-        self._closing = False
         self._aborting: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.Timeout | None = None
-        self._all_done = asyncio.Event()
-        self._all_done.set()
+        self._session: Session = core.admit(self, on_shutdown=self._close_for_shutdown)
+
+    @property
+    def open_contexts(self) -> list[str]:
+        """Names of the contexts open now."""
+        return [utterance.name for utterance in self._session]
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Encoded messages waiting for the socket, in bytes."""
+        return self._outbound.size
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -139,20 +117,16 @@ class Connection:
         try:
             await self._read_loop()
         finally:
-            for ctx in list(self._contexts.values()):
-                self._drop(ctx)
+            self._session.close()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
-    async def shutdown(self, grace_s: float) -> None:
-        """Daemon stop: let open contexts finish within `grace_s`, cancel the rest, close with 1001."""
-        self._closing = True
-        try:
-            await asyncio.wait_for(self._all_done.wait(), grace_s)
-        except TimeoutError:
-            for ctx in list(self._contexts.values()):
-                self._error(ctx.job.context, ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-                self._cancel(ctx, DoneReason.CANCEL)
+    def close(self) -> None:
+        """Give the session back (idempotent): for an upgrade that failed before `serve`."""
+        self._session.close()
+
+    async def _close_for_shutdown(self) -> None:
+        """After the core let contexts finish (or cut them off): flush what is queued, close with 1001."""
         await self._drain(min(2.0, self._limits.send_timeout_s))
         await self._ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon stopping")
 
@@ -198,7 +172,7 @@ class Connection:
                     )
                 request = decode_client(msg.data)
                 self._handle(request)
-            except ProtocolError as exc:
+            except (ProtocolError, RequestRefused) as exc:
                 self._error(exc.context, exc.code, exc.message)
             except Exception:
                 # A bug must cost one request, not the connection (or the daemon).
@@ -210,173 +184,76 @@ class Connection:
         """Idle time counts from the last client message or the last context's end, whichever is later."""
         if self._idle_timer is not None:
             loop = asyncio.get_running_loop()
-            idle = not self._contexts
+            idle = not len(self._session)
             self._idle_timer.reschedule(loop.time() + self._limits.idle_timeout_s if idle else None)
 
     def _handle(self, msg: ClientMessage) -> None:
         if isinstance(msg, Start):
             self._start(msg)
             return
-        ctx = self._contexts.get(msg.context)
-        if ctx is None:
+        utterance = self._session.get(msg.context)
+        if utterance is None:
             raise ProtocolError(ErrorCode.UNKNOWN_CONTEXT, f"no open context {msg.context!r}", msg.context)
         if isinstance(msg, Cancel):
-            self._cancel(ctx, DoneReason.CANCEL)
-            return
-        if ctx.ending:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_CONTEXT, f"context {msg.context!r} has ended; wait for done", msg.context
-            )
-        if isinstance(msg, Text):
-            self._text(ctx, msg.text)
+            utterance.cancel()
+        elif isinstance(msg, Text):
+            utterance.feed(msg.text)
         elif isinstance(msg, Flush):
-            self._submit(ctx, ctx.segmenter.flush())
+            utterance.flush()
         elif isinstance(msg, End):
-            self._submit(ctx, ctx.segmenter.flush())
-            ctx.ending = True
-            self._pipeline.end(ctx.job)
+            utterance.end()
 
     def _start(self, msg: Start) -> None:
-        name = msg.context
-        if self._closing:
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; no new contexts", name)
-        if name in self._contexts:
-            raise ProtocolError(ErrorCode.DUPLICATE_CONTEXT, f"context {name!r} is already open", name)
-        if len(self._contexts) >= self._limits.max_contexts_per_connection:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_CONTEXTS,
-                f"at most {self._limits.max_contexts_per_connection} open contexts per connection",
-                name,
-            )
-        voice = msg.voice or self._config.model.default_voice
-        if voice not in self._voices:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_VOICE,
-                f"unknown voice {voice!r}; known: {', '.join(self._voices.names)}",
-                name,
-            )
-        if msg.lang not in LANGUAGES:
-            raise ProtocolError(
-                ErrorCode.INVALID_PARAM,
-                f"lang {msg.lang!r} is not supported; use one of {', '.join(LANGUAGES)}",
-                name,
-            )
         audio = self._config.audio
-        encoder = make_encoder(
-            msg.codec, msg.sample_rate, msg.frame_ms, audio.opus_bitrate, audio.opus_complexity
+        utterance = self._session.open(
+            msg.context,
+            voice=msg.voice,
+            lang=msg.lang,
+            speed=msg.speed,
+            encoder=lambda: make_encoder(
+                msg.codec, msg.sample_rate, msg.frame_ms, audio.opus_bitrate, audio.opus_complexity
+            ),
+            sample_rate=msg.sample_rate,
         )
-        job = Job(context=name, voice=voice, lang=msg.lang, speed=msg.speed, encoder=encoder, sink=self)
-        pipeline_cfg = self._config.pipeline
-        segmenter = Segmenter(
-            first_clause_min_words=pipeline_cfg.first_clause_min_words,
-            max_chars=pipeline_cfg.max_segment_chars,
-        )
-        self._contexts[name] = _Context(job=job, segmenter=segmenter, sample_rate=msg.sample_rate)
-        self._all_done.clear()
-        self._metrics.contexts.inc()
         self._send(
             None,
             Started(
-                context=name,
-                voice=voice,
+                context=msg.context,
+                voice=utterance.voice,
                 codec=msg.codec,
                 sample_rate=msg.sample_rate,
                 frame_ms=msg.frame_ms,
-                pre_skip=encoder.pre_skip,
+                pre_skip=utterance.encoder.pre_skip,
             ),
         )
 
-    def _text(self, ctx: _Context, text: str) -> None:
-        held = ctx.segmenter.buffered_chars + ctx.job.pending_chars
-        if held + len(text) > self._limits.max_buffered_text_chars:
-            raise ProtocolError(
-                ErrorCode.TEXT_TOO_LONG,
-                f"context {ctx.job.context!r} would hold {held + len(text)} characters not yet synthesized; "
-                f"the limit is {self._limits.max_buffered_text_chars}: wait for audio, then send more",
-                ctx.job.context,
-            )
-        self._submit(ctx, ctx.segmenter.feed(text))
+    # -- events from the core (EventSink) -----------------------------------------------------------
 
-    def _submit(self, ctx: _Context, segments: Sequence[str]) -> None:
-        for segment in segments:
-            if ctx.first_submit_at is None:
-                ctx.first_submit_at = time.perf_counter()
-            self._pipeline.submit(ctx.job, segment)
+    def has_room(self, utterance: Utterance) -> bool:
+        return True
 
-    def _cancel(self, ctx: _Context, reason: DoneReason) -> None:
-        self._pipeline.cancel(ctx.job)
-        self._outbound.retract(ctx.job)
-        self._finish_context(ctx, reason)
-
-    # -- results from the pipeline (JobSink) --------------------------------------------------------
-
-    def _live(self, job: Job) -> _Context | None:
-        ctx = self._contexts.get(job.context)
-        return ctx if ctx is not None and ctx.job is job else None
-
-    def deliver(self, job: Job, segment: EncodedSegment) -> None:
-        ctx = self._live(job)
-        if ctx is None or not segment.frames:
-            return
-        if not ctx.audio_started and ctx.first_submit_at is not None:
-            ctx.audio_started = True
-            self._metrics.time_to_first_audio.observe(time.perf_counter() - ctx.first_submit_at)
-        if segment.index != ctx.last_segment:
-            # A segment vocoded in windows arrives in parts: announce it before its first frame only.
-            name = job.context
-            self._send(
-                job, Segment(context=name, segment=segment.index, text=segment.text, start_ms=ctx.audio_ms)
-            )
-            ctx.last_segment = segment.index
-            ctx.segments += 1
-            self._metrics.segments.inc()
-        self._send_frames(ctx, segment.frames)
-
-    def finish(self, job: Job, tail: Sequence[Frame]) -> None:
-        ctx = self._live(job)
-        if ctx is None:
-            return
-        if ctx.segments:
-            self._send_frames(ctx, tail)
-        self._finish_context(ctx, DoneReason.END)
-
-    def fail(self, job: Job, error: SynthesisError) -> None:
-        ctx = self._live(job)
-        if ctx is None:
-            return
-        self._outbound.retract(job)
-        self._error(job.context, ErrorCode.INTERNAL, str(error))
-        self._finish_context(ctx, DoneReason.ERROR)
-
-    def _send_frames(self, ctx: _Context, frames: Sequence[Frame]) -> None:
-        for frame in frames:
+    def emit(self, utterance: Utterance, event: Event) -> bool:
+        name = utterance.name
+        if isinstance(event, AudioChunk):
             audio = Audio(
-                context=ctx.job.context,
-                segment=ctx.last_segment,
-                seq=ctx.seq,
-                data=frame.data,
-                samples=frame.samples,
+                context=name, segment=event.segment, seq=event.seq, data=event.data, samples=event.samples
             )
-            if not self._send(ctx.job, audio):
-                return
-            ctx.seq += 1
-            ctx.samples += frame.samples
-            self._metrics.audio_seconds.inc(frame.samples / ctx.sample_rate)
+            return self._send(utterance, audio)
+        if isinstance(event, SegmentStarted):
+            return self._send(
+                None, Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms)
+            )
+        if isinstance(event, Failed):
+            return self._send(None, Error(context=name, code=event.code, message=event.message))
+        assert isinstance(event, Finished)
+        sent = self._send(
+            None, Done(context=name, reason=event.reason, audio_ms=event.audio_ms, segments=event.segments)
+        )
+        self._rearm_idle_timer()
+        return sent
 
-    def _finish_context(self, ctx: _Context, reason: DoneReason) -> None:
-        name = ctx.job.context
-        self._send(None, Done(context=name, reason=reason, audio_ms=ctx.audio_ms, segments=ctx.segments))
-        del self._contexts[name]
-        self._metrics.contexts.dec()
-        if not self._contexts:
-            self._all_done.set()
-            self._rearm_idle_timer()
-
-    def _drop(self, ctx: _Context) -> None:
-        """The client left: stop its work, send nothing."""
-        self._pipeline.cancel(ctx.job)
-        del self._contexts[ctx.job.context]
-        self._metrics.contexts.dec()
+    def retract(self, utterance: Utterance) -> None:
+        self._outbound.retract(utterance)
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -384,10 +261,8 @@ class Connection:
         self._metrics.errors.labels(code=code.value).inc()
         self._send(None, Error(context=context, code=code, message=message))
 
-    def _send(self, owner: Job | None, msg: ServerMessage) -> bool:
+    def _send(self, owner: Utterance | None, msg: ServerMessage) -> bool:
         """Queue a message; audio (owner set) that would overflow the buffer overloads the connection."""
-        if owner is not None and owner.cancelled:
-            return False
         data = encode(msg)
         limit = self._limits.max_outbound_bytes
         if owner is not None and self._outbound.size + len(data) > limit:
@@ -399,19 +274,16 @@ class Connection:
                 logger.warning("client not reading its replies; closing the connection")
                 self._aborting = asyncio.create_task(self._abort())
             return False
-        self._outbound.push(owner, owner is not None, data)
+        self._outbound.push(owner, data)
         return True
 
     def _overload(self) -> None:
         logger.warning("client not reading: %d bytes buffered; cancelling its contexts", self._outbound.size)
-        for ctx in list(self._contexts.values()):
-            self._error(
-                ctx.job.context,
-                ErrorCode.OVERLOADED,
-                "the client is not reading audio fast enough "
-                f"({self._limits.max_outbound_bytes} bytes buffered)",
-            )
-            self._cancel(ctx, DoneReason.ERROR)
+        self._session.abort_all(
+            ErrorCode.OVERLOADED,
+            f"the client is not reading audio fast enough ({self._limits.max_outbound_bytes} bytes buffered)",
+            DoneReason.ERROR,
+        )
 
     async def _write_loop(self) -> None:
         while True:
@@ -430,8 +302,8 @@ class Connection:
                 return
 
     async def _abort(self) -> None:
-        for ctx in list(self._contexts.values()):
-            self._drop(ctx)
+        for utterance in self._session:
+            utterance.drop()
         try:
             await asyncio.wait_for(self._ws.close(code=WSCloseCode.POLICY_VIOLATION), 1.0)
         except (TimeoutError, ConnectionError):
