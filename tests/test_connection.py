@@ -1,16 +1,19 @@
 """`Connection` driven through a fake WebSocket: typed errors, recovery, and bounded memory.
 
-The pipeline is the real one with a fake G2P and engine, so audio really flows (as PCM16) and a
-cancel really reaches the stages; only the socket and the model are stand-ins.
+The core and its pipeline are the real ones on a fake model (tests/core_fakes.py), so audio really
+flows (as PCM16) and a cancel really reaches the stages; only the socket and the model are stand-ins.
+State is read through public API only: the connection's `open_contexts`, `buffered_bytes` and
+`queued_messages()`, the events it took from the core, the metrics, and the pipeline's depths and jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -29,6 +32,7 @@ from speakd.protocol import (
     End,
     Error,
     ErrorCode,
+    Flush,
     Segment,
     ServerMessage,
     Start,
@@ -37,15 +41,19 @@ from speakd.protocol import (
     decode_server,
     encode,
 )
+from speakd.server.audio.encoders import Frame, make_encoder
 from speakd.server.config import load_config
-from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
-from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
-from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
+from speakd.server.core.errors import Busy
+from speakd.server.core.events import AudioChunk, Event, Finished, SegmentStarted
+from speakd.server.core.synthesis import SynthesisCore
+from speakd.server.core.utterance import Utterance
+from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
 from speakd.server.frontends.websocket import Connection
 from speakd.server.metrics import SpeakdMetrics
-from speakd.server.pipeline.pipeline import EncodedSegment, Job, Pipeline
-
-VOICE = "af_fake"
+from speakd.server.pipeline.job import AudioEncoder, Job
+from speakd.server.pipeline.pipeline import Pipeline
+from speakd.server.pipeline.stage import StageSpec
+from tests.core_fakes import VOICE, FakeBackend, FakeEngine, fake_voices
 
 
 def pcm_start(context: str) -> Start:
@@ -56,28 +64,58 @@ def pcm_start(context: str) -> Start:
 # -- fakes ------------------------------------------------------------------------------------------
 
 
-def _g2p(text: str, lang: str = "en-us") -> list[PhonemeChunk]:
-    return [PhonemeChunk(text, text, tuple(range(1, len(text) + 1)))]
+class HeldEngine(FakeEngine):
+    """The fake model, whose acoustic pass can be held (a model slower than any test): `hold()` makes
+    every pass wait, and set `holding`, until `release()`."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
 
-class FakeEngine:
-    """Every segment is `frames` acoustic frames (600 samples each) of a quiet constant tone."""
+    def hold(self) -> None:
+        self._open.clear()
 
-    def __init__(self, frames: int = 4) -> None:
-        self.frames = frames
+    def release(self) -> None:
+        self._open.set()
 
     def acoustic(self, batch: Sequence[AcousticRequest]) -> list[AcousticFeatures]:
-        out = []
-        for request in batch:
-            durations = np.zeros(len(request.tokens) + 2, np.int64)
-            durations[1] = self.frames
-            curve = np.zeros((1, 2 * self.frames), np.float32)
-            asr = np.zeros((1, 1, self.frames), np.float32)
-            out.append(AcousticFeatures(asr, curve, curve, request.style, durations))
-        return out
+        if not self._open.is_set():
+            self.holding.set()
+        assert self._open.wait(60), "the test left the engine held"
+        return super().acoustic(batch)
 
-    def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
-        return [np.full(f.frames * SAMPLES_PER_FRAME, 0.1, np.float32) for f in batch]
+
+class RecordingPipeline(Pipeline):
+    """The real pipeline; it remembers every job a door hands it, so a test can check the job's
+    `cancelled` flag: the proof that a cancel reached the stages."""
+
+    def __init__(self, *, stages: Sequence[StageSpec], metrics: SpeakdMetrics, lane_limit: int) -> None:
+        super().__init__(stages=stages, metrics=metrics, lane_limit=lane_limit)
+        self.jobs: list[Job] = []
+
+    def job(self, context: str) -> Job:
+        """The latest job of `context`."""
+        jobs = [job for job in self.jobs if job.context == context]
+        assert jobs, f"the pipeline never saw context {context!r}"
+        return jobs[-1]
+
+    def _saw(self, job: Job) -> None:
+        if all(seen is not job for seen in self.jobs):
+            self.jobs.append(job)
+
+    def submit(self, job: Job, text: str) -> None:
+        self._saw(job)
+        super().submit(job, text)
+
+    def end(self, job: Job) -> None:
+        self._saw(job)
+        super().end(job)
+
+    def cancel(self, job: Job) -> None:
+        self._saw(job)
+        super().cancel(job)
 
 
 def _binary(msg: ClientMessage) -> WSMessage:
@@ -137,12 +175,51 @@ class FakeTransport(asyncio.Transport):
         self.ws.hang_up()
 
 
+class RecordingConnection(Connection):
+    """A Connection that notes each event the core gives it (through `emit`, its public EventSink
+    entry point) and the size of its send buffer right after taking it."""
+
+    def __init__(self, ws: FakeWebSocket, transport: FakeTransport, *, core: SynthesisCore) -> None:
+        self.events: list[tuple[str, Event]] = []
+        self.buffer_sizes: list[int] = []
+        super().__init__(cast(web.WebSocketResponse, ws), transport, core=core)
+
+    def emit(self, utterance: Utterance, event: Event) -> bool:
+        queued = super().emit(utterance, event)
+        self.events.append((utterance.name, event))
+        self.buffer_sizes.append(self.buffered_bytes)
+        return queued
+
+    def finished(self, context: str) -> bool:
+        return any(name == context and isinstance(event, Finished) for name, event in self.events)
+
+
+class PartCountingEncoder:
+    """Wraps a context's encoder and notes, for each waveform part it encodes, whether the part
+    ends its segment: a segment rendered in windows reaches the encoder in several parts."""
+
+    def __init__(self, inner: AudioEncoder, ends: list[bool]) -> None:
+        self._inner = inner
+        self._ends = ends
+        self.pre_skip = inner.pre_skip
+
+    def encode(self, audio24k: npt.NDArray[np.float32], *, end_of_segment: bool) -> list[Frame]:
+        self._ends.append(end_of_segment)
+        return self._inner.encode(audio24k, end_of_segment=end_of_segment)
+
+    def finish(self) -> list[Frame]:
+        return self._inner.finish()
+
+
+# -- the fixture ------------------------------------------------------------------------------------
+
+
 @dataclass
 class Client:
     ws: FakeWebSocket
-    conn: Connection
+    transport: FakeTransport
+    conn: RecordingConnection
     task: asyncio.Task[None]
-    outbound_sizes: list[int]
     cursor: int = 0
 
     def send(self, msg: ClientMessage) -> None:
@@ -151,8 +228,8 @@ class Client:
     def send_frame(self, kind: WSMsgType, data: str | bytes) -> None:
         self.ws.inbox.put_nowait(WSMessage(kind, data, None))
 
-    async def recv(self, limit_s: float = 5.0) -> ServerMessage:
-        """The next message the connection sent, in order."""
+    async def recv(self, limit_s: float = 10.0) -> ServerMessage:
+        """The next message the connection sent, in order; the limit only fires on a hang."""
         deadline = time.monotonic() + limit_s
         while len(self.ws.received) <= self.cursor:
             assert time.monotonic() < deadline, f"nothing arrived; so far {self.ws.received}"
@@ -191,35 +268,34 @@ class Client:
 
 @dataclass
 class Server:
-    pipeline: Pipeline
-    engine: FakeEngine
+    """One pipeline on the fake model; each connection gets a core of its own configuration on it."""
+
+    pipeline: RecordingPipeline
+    backend: FakeBackend
+    engine: HeldEngine
     metrics: SpeakdMetrics
-    voices: VoiceBank
-    clients: list[Client]
+    clients: list[Client] = field(default_factory=list)
+
+    def core(self, overrides: dict[str, object] | None = None) -> SynthesisCore:
+        """A core on the shared pipeline; `overrides` are configuration keys ("limits.send_timeout_s")."""
+        config = load_config(overrides={"model.default_voice": VOICE, **(overrides or {})})
+        return SynthesisCore(
+            backend=self.backend, pipeline=self.pipeline, config=config, metrics=self.metrics
+        )
 
     def connect(
-        self, overrides: dict[str, object] | None = None, *, reads: bool = True, close_hangs: bool = False
+        self,
+        overrides: dict[str, object] | None = None,
+        *,
+        core: SynthesisCore | None = None,
+        reads: bool = True,
+        close_hangs: bool = False,
     ) -> Client:
-        config = load_config(overrides={"model.default_voice": VOICE, **(overrides or {})})
+        """A served connection, on `core` or on a new core configured with `overrides`."""
         ws = FakeWebSocket(reads=reads, close_hangs=close_hangs)
-        conn = Connection(
-            cast(web.WebSocketResponse, ws),
-            FakeTransport(ws),
-            pipeline=self.pipeline,
-            voices=self.voices,
-            config=config,
-            metrics=self.metrics,
-        )
-        sizes: list[int] = []
-        send = conn._send
-
-        def recording_send(owner: Job | None, msg: ServerMessage) -> bool:
-            queued = send(owner, msg)
-            sizes.append(conn._outbound.size)
-            return queued
-
-        conn._send = recording_send  # type: ignore[method-assign]
-        client = Client(ws, conn, asyncio.create_task(conn.serve()), sizes)
+        transport = FakeTransport(ws)
+        conn = RecordingConnection(ws, transport, core=core or self.core(overrides))
+        client = Client(ws, transport, conn, asyncio.create_task(conn.serve()))
         self.clients.append(client)
         return client
 
@@ -227,26 +303,23 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     metrics = SpeakdMetrics()
-    rng = np.random.default_rng(3)
-    voices = VoiceBank(
-        {name: rng.standard_normal((4, STYLE_DIM)).astype(np.float32) for name in (VOICE, "x")}
-    )
-    engine = FakeEngine()
-    pipeline = Pipeline(
-        g2p=cast(EnglishG2P, _g2p), engine=engine, voices=voices, metrics=metrics, lane_limit=4
-    )
+    engine = HeldEngine()
+    backend = FakeBackend(engine, fake_voices())
+    pipeline = RecordingPipeline(stages=backend.stages(), metrics=metrics, lane_limit=4)
     await pipeline.start()
-    s = Server(pipeline, engine, metrics, voices, [])
+    s = Server(pipeline, backend, engine, metrics)
     try:
         yield s
     finally:
+        engine.release()
         for client in s.clients:
             client.ws.hang_up()
-        await asyncio.wait_for(asyncio.gather(*(c.task for c in s.clients), return_exceptions=True), 5)
+        await asyncio.wait_for(asyncio.gather(*(c.task for c in s.clients), return_exceptions=True), 10)
         await pipeline.close()
 
 
-async def wait_until(condition: Callable[[], bool], limit_s: float = 5.0) -> None:
+async def wait_until(condition: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Poll `condition`; the limit only fires on a hang."""
     deadline = time.monotonic() + limit_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -272,22 +345,22 @@ async def test_non_reading_client_overflows_into_overloaded(server: Server) -> N
     server.engine.frames = 40  # a second per segment: 50 PCM frames of ~1 kB each
     hog = server.connect({"limits.max_outbound_bytes": limit, "limits.send_timeout_s": 60.0}, reads=False)
     texts = [Text(context="hog", text=f"Sentence number {i} is right here. ") for i in range(40)]
-    hog.ws.script.extend(_binary(m) for m in [pcm_start("hog"), *texts, End(context="hog")])
-    await wait_until(lambda: "hog" in hog.conn._contexts)
-    job = hog.conn._contexts["hog"].job
-    await wait_until(lambda: not hog.conn._contexts)
+    burst: list[ClientMessage] = [pcm_start("hog"), *texts, End(context="hog")]
+    hog.ws.script.extend(_binary(m) for m in burst)
+    await wait_until(lambda: hog.conn.finished("hog"))
+    assert not hog.conn.open_contexts
 
     # The buffer filled up to the limit, never past it but for the overloaded error itself.
-    assert limit - 2000 < max(hog.outbound_sizes) <= limit + 400, max(hog.outbound_sizes)
-    queued = [decode_server(data) for _, _, data in hog.conn._outbound.frames]
-    assert len(queued) == 2, queued  # the context's audio was taken back
+    assert limit - 2000 < max(hog.conn.buffer_sizes) <= limit + 400, max(hog.conn.buffer_sizes)
+    queued = [decode_server(data) for data in hog.conn.queued_messages()]
+    assert len(queued) == 2, queued  # the context's segments and audio were taken back
     error, done = queued
     assert isinstance(error, Error) and (error.code, error.context) == (ErrorCode.OVERLOADED, "hog")
     assert isinstance(done, Done) and (done.context, done.reason) == ("hog", DoneReason.ERROR)
-    assert hog.conn._outbound.size == sum(len(encode(m)) for m in queued)
+    assert hog.conn.buffered_bytes == sum(len(encode(m)) for m in queued)
     assert hog.ws.send_calls == 1  # only `started` ever reached the (stuck) socket
-    assert job.cancelled
-    await wait_until(lambda: server.pipeline.depths() == dict.fromkeys(Pipeline.STAGES, 0))
+    assert server.pipeline.job("hog").cancelled  # the queued sentences left every stage
+    await wait_until(lambda: server.pipeline.depths() == dict.fromkeys(server.pipeline.stage_names, 0))
     assert server.metrics.errors.labels(code="overloaded").value == 1.0
     assert server.metrics.contexts.value == 0.0
 
@@ -300,38 +373,112 @@ async def test_stalled_send_closes_the_connection(server: Server) -> None:
     stuck = server.connect({"limits.send_timeout_s": 0.2}, reads=False, close_hangs=True)
     stuck.send(Start(context="a"))
     stuck.send(Text(context="a", text="Some words that will never be heard."))
-    await wait_until(lambda: "a" in stuck.conn._contexts)
-    job = stuck.conn._contexts["a"].job
-    await asyncio.wait_for(stuck.task, 5)  # `close` hangs too, so the transport is aborted
+    await asyncio.wait_for(stuck.task, 10)  # `close` hangs too, so the transport is aborted
     assert stuck.ws.close_codes == [WSCloseCode.POLICY_VIOLATION]
-    transport = stuck.conn._transport
-    assert isinstance(transport, FakeTransport) and transport.aborted
-    assert job.cancelled and not stuck.conn._contexts
+    assert stuck.transport.aborted
+    assert server.pipeline.job("a").cancelled and not stuck.conn.open_contexts
     assert server.metrics.contexts.value == 0.0
+    assert server.metrics.connections.value == 0.0
 
 
-async def test_segment_in_parts_is_announced_once(server: Server) -> None:
+async def test_segment_in_parts_is_announced_once(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     server.engine.frames = 40  # long enough for the first segment to be vocoded in two windows
+    ends: list[bool] = []  # per waveform part the encoder took: does it end its segment?
+
+    def counting_encoder(*args: Any) -> PartCountingEncoder:
+        return PartCountingEncoder(make_encoder(*args), ends)
+
+    monkeypatch.setattr("speakd.server.frontends.websocket.make_encoder", counting_encoder)
     client = server.connect()
-    parts: list[int] = []
-    deliver = client.conn.deliver
-
-    def counting_deliver(job: Job, segment: EncodedSegment) -> None:
-        parts.append(segment.index)
-        deliver(job, segment)
-
-    client.conn.deliver = counting_deliver  # type: ignore[method-assign]
     got, done = await client.speak("a", "A first sentence. And a second one.")
-    assert parts == [0, 0, 1]  # only a context's first segment is vocoded in windows
+    # Only a context's first segment is vocoded in windows: two parts, then one.
+    assert ends == [False, True, True]
     segments = [m for m in got if isinstance(m, Segment)]
     assert [(s.segment, s.text) for s in segments] == [(0, "A first sentence."), (1, "And a second one.")]
+    announced = [event.index for _, event in client.conn.events if isinstance(event, SegmentStarted)]
+    assert announced == [0, 1]
     assert [s.start_ms for s in segments] == [0.0, 1000.0]
     audio = [m for m in got if isinstance(m, Audio)]
     assert [a.seq for a in audio] == list(range(100))
     assert [a.segment for a in audio] == [0] * 50 + [1] * 50
+    chunks = [event.segment for _, event in client.conn.events if isinstance(event, AudioChunk)]
+    assert chunks == [0] * 50 + [1] * 50
     # Each segment's audio directly follows its announcement.
     assert got.index(segments[1]) == got.index(audio[49]) + 1
     assert (done.reason, done.segments, done.audio_ms) == (DoneReason.END, 2, 2000.0)
+
+
+async def test_cancel_withdraws_unsent_segment_and_audio(server: Server) -> None:
+    """protocol/README.md: `cancel` drops the context's not-yet-sent `segment` and `audio` messages."""
+    client = server.connect({"limits.send_timeout_s": 60.0}, reads=False)  # `started` sticks in the socket
+    client.send(pcm_start("a"))
+    client.send(Text(context="a", text="Never heard."))
+    client.send(Flush(context="a"))
+    await wait_until(lambda: any(isinstance(event, AudioChunk) for _, event in client.conn.events))
+    client.send(Cancel(context="a"))
+    await wait_until(lambda: client.conn.finished("a"))
+    queued = [decode_server(data) for data in client.conn.queued_messages()]
+    assert len(queued) == 1, queued
+    assert isinstance(queued[0], Done) and queued[0].reason is DoneReason.CANCEL
+    assert server.pipeline.job("a").cancelled
+
+
+# -- admission and shutdown -------------------------------------------------------------------------
+
+
+async def test_the_connection_limit_is_counted_at_admission(server: Server) -> None:
+    """Regression: the limit was checked before the WebSocket upgrade but counted after it, so
+    concurrent upgrades overshot. A Connection counts as soon as it exists, before it serves."""
+    core = server.core({"limits.max_connections": 2})
+
+    def upgrade() -> Connection:
+        ws = FakeWebSocket()
+        return Connection(cast(web.WebSocketResponse, ws), FakeTransport(ws), core=core)
+
+    first, second = upgrade(), upgrade()  # neither serves yet: both upgrades are still in flight
+    assert core.sessions == 2 and server.metrics.connections.value == 2.0
+    with pytest.raises(Busy, match="at most 2"):
+        upgrade()
+    assert core.sessions == 2 and server.metrics.connections.value == 2.0
+
+    first.close()
+    first.close()  # idempotent: the place is given back once
+    assert core.sessions == 1 and server.metrics.connections.value == 1.0
+    third = upgrade()
+    assert core.sessions == 2
+    with pytest.raises(Busy):
+        upgrade()
+    second.close()
+    third.close()
+    assert core.sessions == 0 and server.metrics.connections.value == 0.0
+
+
+async def test_shutdown_ends_early_when_the_client_leaves(server: Server) -> None:
+    """Regression: a client that left during the shutdown grace did not count as done, so shutdown
+    waited out the whole grace period."""
+    core = server.core()
+    client = server.connect(core=core)
+    client.send(pcm_start("a"))
+    assert isinstance(await client.recv(), Started)
+    server.engine.hold()  # the model is slower than the grace period
+    client.send(Text(context="a", text="A sentence the model is slow to say."))
+    client.send(End(context="a"))
+    await wait_until(server.engine.holding.is_set)
+
+    shutdown = asyncio.create_task(core.shutdown(grace_s=30.0))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not shutdown.done() and client.conn.open_contexts == ["a"]  # it waits for "a" to finish
+
+    client.ws.hang_up()
+    # The limit is far below the 30 s grace: it only fires if shutdown waits the grace out.
+    await asyncio.wait_for(shutdown, 10)
+    await asyncio.wait_for(client.task, 10)
+    assert server.pipeline.job("a").cancelled
+    assert core.sessions == 0
+    assert server.metrics.contexts.value == 0.0
+    assert server.metrics.connections.value == 0.0
+    assert not client.conn.finished("a")  # the client was gone: nothing more was said to it
 
 
 # -- typed errors, each leaving the connection usable ---------------------------------------------------

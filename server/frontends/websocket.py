@@ -109,6 +109,10 @@ class Connection:
         """Encoded messages waiting for the socket, in bytes."""
         return self._outbound.size
 
+    def queued_messages(self) -> list[bytes]:
+        """Encoded messages waiting for the socket, oldest first (a copy, for inspection)."""
+        return [data for _, data in self._outbound.frames]
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def serve(self) -> None:
@@ -240,8 +244,10 @@ class Connection:
             )
             return self._send(utterance, audio)
         if isinstance(event, SegmentStarted):
+            # Owned like audio: a cancel takes an unsent announcement back with its frames.
             return self._send(
-                None, Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms)
+                utterance,
+                Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms),
             )
         if isinstance(event, Failed):
             return self._send(None, Error(context=name, code=event.code, message=event.message))
