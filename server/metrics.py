@@ -287,10 +287,12 @@ class SpeakdMetrics:
 
     def __init__(self) -> None:
         registry = self.registry = Registry()
-        self.connections = registry.register(Gauge("speakd_connections", "Open WebSocket connections."))
+        self.connections = registry.register(
+            Gauge("speakd_connections", "Open sessions: WebSocket connections and HTTP speech requests.")
+        )
         self.contexts = registry.register(Gauge("speakd_contexts", "Open synthesis contexts."))
         self.connections_total = registry.register(
-            Counter("speakd_connections_total", "WebSocket connections accepted since start.")
+            Counter("speakd_connections_total", "Sessions admitted since start.")
         )
         self.stage_queue_depth = registry.register(
             Gauge("speakd_stage_queue_depth", "Items waiting for each pipeline stage.", ("stage",))

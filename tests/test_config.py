@@ -362,3 +362,37 @@ def test_max_batch_zero_is_the_engines_choice() -> None:
     assert default_max_batch("torch", "cpu") == 1  # compute-bound on a CPU: batches only add padding
     assert default_max_batch("torch", "cuda") == 64
     assert default_max_batch("torch", "cuda:1") == 64
+
+
+def test_auth_and_openai_sections_take_lists_booleans_and_tables(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[auth]
+token_file = "/etc/speakd/tokens"
+allowed_origins = ["https://chat.example.com", "*"]
+allow_unauthenticated = true
+
+[openai]
+voices = { alloy = "jf_alpha" }
+""",
+    )
+    config = load_config(path)
+    assert config.auth.allowed_origins == ("https://chat.example.com", "*")
+    assert config.auth.allow_unauthenticated is True
+    assert config.openai.voices == {"alloy": "jf_alpha"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("auth.allow_unauthenticated", 1, "must be true or false"),
+        ("auth.allowed_origins", "https://a.example", "must be a list of strings"),
+        ("auth.allowed_origins", [""], "a list of origins"),
+        ("openai.voices", {"alloy": 3}, "must be a table of strings"),
+        ("openai.max_body_bytes", 10, "at least 1024"),
+    ],
+)
+def test_new_value_types_are_checked(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {key: value})

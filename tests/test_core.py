@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 import pytest
+from core_fakes import VOICE, FakeEngine, running_core
 
 from speakd.protocol import DoneReason, ErrorCode
 from speakd.server.audio.encoders import Pcm16FrameEncoder
@@ -23,7 +24,6 @@ from speakd.server.core.events import AudioChunk, Event, Failed, Finished, Segme
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 from speakd.server.engines.kokoro.engine import AcousticFeatures
-from tests.core_fakes import VOICE, FakeEngine, running_core
 
 FRAME_BYTES = 960  # 20 ms of PCM16 at 24 kHz
 

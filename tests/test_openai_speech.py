@@ -1,0 +1,132 @@
+"""The OpenAI door's request validation and voice resolution, and its answers while the model loads."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from speakd.server import app as app_module
+from speakd.server.config import load_config
+from speakd.server.engines.backend import SpeechBackend
+from speakd.server.frontends.openai_speech import ApiError, parse_speech_request, resolve_voice
+
+VOICES = ["af_alloy", "am_echo", "jf_alpha", "jf_gongitsune"]
+
+
+def parse(**fields: object) -> object:
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hello.", **fields}
+    return parse_speech_request(
+        json.dumps(body).encode(),
+        max_input_chars=100,
+        voices=VOICES,
+        voice_map={"shimmer": "jf_alpha", "ash": "nobody"},
+        default_voice="jf_gongitsune",
+    )
+
+
+def test_defaults_and_a_full_request() -> None:
+    request = parse()
+    assert request.voice == "af_alloy"  # a voice of the model named *_alloy
+    assert (request.response_format, request.speed, request.stream_format) == ("mp3", 1.0, "audio")
+    full = parse(
+        voice={"id": "jf_alpha"}, response_format="pcm", speed=2, stream_format="sse", instructions="x"
+    )
+    assert (full.voice, full.response_format, full.speed, full.stream_format) == (
+        "jf_alpha",
+        "pcm",
+        2.0,
+        "sse",
+    )
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [
+        ("jf_alpha", "jf_alpha"),  # the model's own name first
+        ("shimmer", "jf_alpha"),  # then the configured map
+        ("echo", "am_echo"),  # then *_<name>
+        ("nova", "jf_gongitsune"),  # then, for an OpenAI name, the default voice
+        ("ash", None),  # a mapping to a voice the model lacks is not silently replaced
+        ("nobody", None),
+    ],
+)
+def test_voice_resolution(requested: str, expected: str | None) -> None:
+    mapping = {"shimmer": "jf_alpha", "ash": "nobody"}
+    assert resolve_voice(requested, VOICES, mapping, "jf_gongitsune") == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"input": None}, "input", "missing_required_parameter"),
+        ({"model": None}, "model", "missing_required_parameter"),
+        ({"voice": None}, "voice", "missing_required_parameter"),
+        ({"input": 5}, "input", "invalid_type"),
+        ({"input": "   "}, "input", "empty_input"),
+        ({"input": "x" * 101}, "input", "string_above_max_length"),
+        ({"voice": "nobody"}, "voice", "invalid_voice"),
+        ({"voice": 3}, "voice", "invalid_type"),
+        ({"response_format": "ogg"}, "response_format", "invalid_value"),
+        ({"speed": 0.2}, "speed", "invalid_value"),
+        ({"speed": True}, "speed", "invalid_type"),
+        ({"speed": "fast"}, "speed", "invalid_type"),
+        ({"stream_format": "chunks"}, "stream_format", "invalid_value"),
+        ({"instructions": "x" * 5000}, "instructions", "string_above_max_length"),
+    ],
+)
+def test_a_known_field_with_a_wrong_type_or_value_is_a_400(
+    fields: dict[str, object], param: str, code: str
+) -> None:
+    with pytest.raises(ApiError) as raised:
+        parse(**fields)
+    assert (raised.value.status, raised.value.param, raised.value.code) == (400, param, code)
+
+
+def test_unknown_fields_are_ignored_and_bad_json_is_a_400() -> None:
+    assert parse(stream=True, lang_code="a", extra={"x": 1}).voice == "af_alloy"
+    with pytest.raises(ApiError) as raised:
+        parse_speech_request(
+            b"[1, 2]", max_input_chars=10, voices=VOICES, voice_map={}, default_voice="jf_alpha"
+        )
+    assert raised.value.code == "invalid_json"
+
+
+@pytest.fixture
+async def loading_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[TestClient, threading.Event]]:
+    """The real app whose model never finishes loading until the test says so."""
+    release = threading.Event()
+
+    def never_loads(config: object) -> SpeechBackend:
+        release.wait(30)
+        raise RuntimeError("model load abandoned by the test")
+
+    monkeypatch.setattr(app_module, "load_backend", never_loads)
+    server = TestServer(app_module.create_app(load_config(None)))
+    client = TestClient(server)
+    await client.start_server()
+    try:
+        yield client, release
+    finally:
+        release.set()
+        await client.close()
+
+
+async def test_while_loading_the_api_answers_503_with_retry_after(
+    loading_app: tuple[TestClient, threading.Event],
+) -> None:
+    client, _ = loading_app
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hello."}
+    response = await client.post("/v1/audio/speech", json=body)
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    error = (await response.json())["error"]
+    assert error["code"] == "model_loading" and set(error) == {"message", "type", "param", "code"}
+    voices = await client.get("/v1/audio/voices")
+    assert voices.status == 503
+    models = await client.get("/v1/models")
+    assert models.status == 200 and {"tts-1"} <= {m["id"] for m in (await models.json())["data"]}
+    too_big = await client.post("/v1/audio/speech", data=b"x" * 100_000)
+    assert too_big.status == 503  # loading is said first: nothing else can be done yet
