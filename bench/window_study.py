@@ -2,8 +2,8 @@
 
 Usage: .venv/bin/python bench/window_study.py [--configs 8:12,4:8] [--sentences 60] [--no-whisper]
 
-A context's first segment is vocoded in two windows (server/engines/kokoro/windows.py) so its first audio leaves
-early; every frame of context the first window renders delays that audio by ~7.5 ms on this CPU.
+A context's first segment is vocoded in two windows (server/engines/kokoro/windows.py) so its first
+audio leaves early; every frame of context the first window renders delays that audio by ~7.5 ms on this CPU.
 For each configuration LEAD:RIGHT (frames of context rendered before and after the first window)
 this renders the first window with that context, stitches it to the second window as the daemon
 does, and compares the result with one whole render of the segment:
@@ -39,8 +39,8 @@ from speakd.server.engines.kokoro.engine import (
 )
 from speakd.server.engines.kokoro.g2p import EnglishG2P
 from speakd.server.engines.kokoro.onnx_engine import OnnxEngine
-from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.engines.kokoro.vocoder_speed import VocoderCost
+from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.engines.kokoro.windows import CONTEXT_FRAMES, Stitcher, Window, plan_windows
 
 VOICE = "jf_gongitsune"
