@@ -8,6 +8,8 @@ import base64
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -352,3 +354,41 @@ async def test_no_token_ever_reaches_the_log(daemon: Daemon) -> None:
     log = "".join(daemon.log)
     assert "wrong token" in log
     assert re.search(re.escape(TOKEN) + "|wrong-token|second-token", log) is None
+
+
+async def test_a_long_http_request_does_not_starve_a_websocket_first_segment(daemon: Daemon) -> None:
+    """Both doors share one pipeline and its fair queues: a WebSocket context that starts while a long
+    speech request is being synthesized is spoken whole long before that request ends."""
+
+    def long_request() -> int:
+        with sdk(daemon).audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=LONG_TEXT, response_format="pcm"
+        ) as response:
+            return sum(len(piece) for piece in response.iter_bytes())
+
+    long_task = asyncio.create_task(asyncio.to_thread(long_request))
+    try:
+        for _ in range(600):  # until the long request is being spoken; the bound only stops a hang
+            if gauge(daemon, "speakd_contexts") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        text = "The wide road shimmered in the hot sun."
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with client(daemon.url, additional_headers=headers) as c:
+            await c.send(Start(context="a", codec=AudioCodec.PCM16))
+            await c.send(Text(context="a", text=text))
+            await c.send(End(context="a"))
+            await c.until_done("a")
+            c.utterance("a").assert_complete(text, 1)
+        assert not long_task.done(), "the long request should still be speaking"
+    finally:
+        body_bytes = await long_task
+    assert body_bytes > 2 * 24000 * 60  # over a minute of audio: the whole long text
+
+
+def test_listening_beyond_loopback_without_a_token_is_refused(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "speakd.server.cli", "serve", "--host", "0.0.0.0", "--port", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "refusing to listen on '0.0.0.0' without an access token" in result.stderr
+    assert "--token-file" in result.stderr and "--allow-unauthenticated" in result.stderr

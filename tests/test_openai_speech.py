@@ -7,17 +7,24 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from speakd.server import app as app_module
 from speakd.server.config import load_config
 from speakd.server.engines.backend import SpeechBackend
-from speakd.server.frontends.openai_speech import ApiError, parse_speech_request, resolve_voice
+from speakd.server.frontends.openai_speech import (
+    ApiError,
+    SpeechRequest,
+    parse_speech_request,
+    resolve_voice,
+)
 
+AppClient = TestClient[web.Request, web.Application]
 VOICES = ["af_alloy", "am_echo", "jf_alpha", "jf_gongitsune"]
 
 
-def parse(**fields: object) -> object:
+def parse(**fields: object) -> SpeechRequest:
     body = {"model": "tts-1", "voice": "alloy", "input": "Hello.", **fields}
     return parse_speech_request(
         json.dumps(body).encode(),
@@ -96,7 +103,9 @@ def test_unknown_fields_are_ignored_and_bad_json_is_a_400() -> None:
 
 
 @pytest.fixture
-async def loading_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[TestClient, threading.Event]]:
+async def loading_app(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[AppClient, threading.Event]]:
     """The real app whose model never finishes loading until the test says so."""
     release = threading.Event()
 
@@ -116,7 +125,7 @@ async def loading_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Te
 
 
 async def test_while_loading_the_api_answers_503_with_retry_after(
-    loading_app: tuple[TestClient, threading.Event],
+    loading_app: tuple[AppClient, threading.Event],
 ) -> None:
     client, _ = loading_app
     body = {"model": "tts-1", "voice": "alloy", "input": "Hello."}

@@ -262,7 +262,7 @@ async def _create_speech(request: web.Request) -> web.StreamResponse:
                 voice=speech.voice,
                 lang=core.backend.language_for(speech.voice),
                 speed=speech.speed,
-                encoder=lambda: open_container_encoder(speech.response_format, core.backend.sample_rate),
+                encoder=lambda: open_container_encoder(speech.response_format),  # 24 kHz, as OpenAI documents
                 sample_rate=core.backend.sample_rate,
             )
             utterance.feed(speech.input)
@@ -290,6 +290,8 @@ async def _respond(
     pending = await _first_audio(events)
     failure = next((event for event in pending if isinstance(event, Failed)), None)
     if failure is not None:
+        if failure.code is ErrorCode.SHUTTING_DOWN:
+            raise ApiError(503, failure.message, type_="server_error", code="shutting_down", retry_after_s=5)
         raise ApiError(500, failure.message, type_="server_error", code=failure.code.value)
     sse = speech.stream_format == "sse"
     content_type = "text/event-stream" if sse else CONTENT_TYPES[speech.response_format]
@@ -322,11 +324,16 @@ async def _respond(
         return True
 
     finished_cleanly = True
-    for event in pending:
-        finished_cleanly = await handle(event)
-    if not isinstance(pending[-1], Finished):
-        async for event in events:
+    try:
+        for event in pending:
             finished_cleanly = await handle(event)
+        if not isinstance(pending[-1], Finished):
+            async for event in events:
+                finished_cleanly = await handle(event)
+    except (TimeoutError, ConnectionError) as exc:
+        # A reader that stopped reading, or left: nothing more can reach it.
+        logger.info("speech response abandoned: %s", exc.__class__.__name__)
+        finished_cleanly = False
     if not finished_cleanly:
         # Cut off: a body that ends cleanly would pass for the whole speech.
         if request.transport is not None:
