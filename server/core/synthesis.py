@@ -76,7 +76,8 @@ class SynthesisCore:
         self.metrics.connections_total.inc()
         return session
 
-    def _release(self, session: Session) -> None:
+    def release(self, session: Session) -> None:
+        """Give a session's place back; `Session.close` calls it, once."""
         if session in self._sessions:
             self._sessions.discard(session)
             self.metrics.connections.dec()
@@ -209,7 +210,7 @@ class Session:
         self.closed = True
         for utterance in self:
             utterance.drop()
-        self._core._release(self)
+        self._core.release(self)
 
     async def shutdown(self, grace_s: float) -> None:
         if not await self.wait_idle(grace_s):
