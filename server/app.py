@@ -36,7 +36,7 @@ from speakd.server.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STOP", "create_app", "load_error"]
+__all__ = ["LOADER", "STOP", "create_app", "drain", "load_error"]
 
 
 def load_backend(config: Config) -> SpeechBackend:
@@ -98,7 +98,10 @@ async def _speech_context(app: web.Application) -> AsyncIterator[None]:
         await core.pipeline.close()
 
 
-async def _shut_sessions(app: web.Application) -> None:
+async def drain(app: web.Application) -> None:
+    """Stop taking new work while still listening: /readyz says 503 so balancers send new clients
+    elsewhere, new sessions are refused with 503, and open utterances get server.shutdown_grace_s
+    to finish before they are cut off and their sockets closed with 1001. Idempotent."""
     app[METRICS].ready.set(0)
     core = loaded_core(app)
     if core is not None:
@@ -147,7 +150,7 @@ def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Applic
     app[METRICS] = SpeakdMetrics()
     app[STOP] = asyncio.Event()
     app.cleanup_ctx.append(_speech_context)
-    app.on_shutdown.append(_shut_sessions)
+    app.on_shutdown.append(drain)
     status.add_routes(app)
     openai_speech.add_routes(app)
     app.router.add_get(PATH, stream)

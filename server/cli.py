@@ -15,6 +15,7 @@ from speakd.server.config import Config, load_config
 from speakd.server.dependencies import check_dependencies
 from speakd.server.errors import SpeakdError
 from speakd.server.frontends.auth import AccessTokens, check_bind, install_log_redaction
+from speakd.server.sd_notify import notify, watchdog_interval_s
 
 logger = logging.getLogger("speakd")
 
@@ -75,8 +76,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def _watchdog(period_s: float) -> None:
+    """Pings systemd's watchdog from the event loop: a loop blocked for WatchdogSec gets restarted."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(period_s)
+
+
 async def _serve(config: Config, tokens: AccessTokens) -> None:
-    from speakd.server.app import STOP, create_app, load_error
+    from speakd.server.app import LOADER, STOP, create_app, drain, load_error
 
     app = create_app(config, tokens)
     # handler_cancellation: a client that hangs up mid-request cancels its handler, so its synthesis
@@ -84,7 +92,8 @@ async def _serve(config: Config, tokens: AccessTokens) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        shutdown_timeout=config.server.shutdown_grace_s + 5.0,
+        # The drain below has already let utterances finish (or cut them off): handlers end at once.
+        shutdown_timeout=5.0,
         handler_cancellation=True,
     )
     await runner.setup()
@@ -96,10 +105,22 @@ async def _serve(config: Config, tokens: AccessTokens) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app[STOP].set)
+
+    def ready(task: asyncio.Task[object]) -> None:
+        if load_error(app) is None and not task.cancelled():
+            notify("READY=1", "STATUS=serving")
+
+    app[LOADER].add_done_callback(ready)
+    interval = watchdog_interval_s()
+    watchdog = asyncio.create_task(_watchdog(interval)) if interval else None
     await app[STOP].wait()
     error = load_error(app)
     if error is None:
-        logger.info("stopping: finishing open contexts (up to %.0f s)", config.server.shutdown_grace_s)
+        notify("STOPPING=1", "STATUS=draining")
+        logger.info("draining: finishing open contexts (up to %.0f s)", config.server.shutdown_grace_s)
+        await drain(app)  # still listening: /readyz says 503 and new work is refused, not dropped
+    if watchdog is not None:
+        watchdog.cancel()
     await runner.cleanup()
     if error is not None:
         raise error

@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -44,11 +44,18 @@ LISTENING = re.compile(r"listening on ws://([^:/]+):(\d+)/v1/stream")
 class Daemon:
     """`speakd serve` in a subprocess on a free port, its log collected, stopped with SIGTERM."""
 
-    def __init__(self, tmp: Path, cache_dir: Path, config: str = "", args: Sequence[str] = ()) -> None:
-        """`config` is the TOML file's text; `args` are more command-line options."""
+    def __init__(
+        self,
+        tmp: Path,
+        cache_dir: Path,
+        config: str = "",
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`config` is the TOML file's text; `args` are more command-line options; `env` more variables."""
         config_path = tmp / "speakd.toml"
         config_path.write_text(config)
-        env = dict(os.environ, SPEAKD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, SPEAKD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         command = ["serve", "--port", "0", "--config", str(config_path), *args]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "speakd.server.cli", *command],

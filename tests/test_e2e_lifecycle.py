@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,3 +127,85 @@ def test_missing_libopus_is_named_with_its_install_command() -> None:
     assert result.returncode == 1
     assert "apt-get install libopus0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_drain_tells_systemd_and_balancers_and_finishes_what_is_open(model_cache: Path) -> None:
+    """Under systemd (`Type=notify`): READY after warm-up, watchdog pings, STOPPING on SIGTERM. While
+    draining the daemon still listens: /readyz says 503 and new sessions are refused with 503, so a
+    balancer sends them elsewhere, while the open utterance finishes whole; then 1001 and exit 0."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as short_dir:  # a Unix socket path must be short
+        notify_path = Path(short_dir) / "notify"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(notify_path))
+        sock.settimeout(0.2)
+        states: list[str] = []
+        listening = threading.Event()
+        listening.set()
+
+        def listen() -> None:  # as systemd does: read every notification as it comes
+            while listening.is_set():
+                try:
+                    states.extend(sock.recv(4096).decode().split("\n"))
+                except TimeoutError:
+                    continue
+
+        def received() -> list[str]:
+            return list(states)
+
+        reader = threading.Thread(target=listen, daemon=True)
+        reader.start()
+        d = Daemon(
+            Path(short_dir),
+            model_cache,
+            "[server]\nshutdown_grace_s = 30.0\n",
+            env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"},
+        )
+        try:
+            assert "READY=1" not in received()
+            d.wait_ready()
+            await wait_for(lambda: "READY=1" in received() and received().count("WATCHDOG=1") >= 2)
+            text = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
+            async with client(d.url) as listener:
+                await listener.send(Start(context="open"))
+                await listener.send(Text(context="open", text=text))
+                await listener.send(End(context="open"))
+                await listener.until("open", Audio)
+                d.proc.send_signal(15)
+                await wait_for(lambda: "STOPPING=1" in received())
+                assert d.get("/readyz") == (503, "draining\n")
+                with pytest.raises(InvalidStatus) as refused:
+                    async with client(d.url):
+                        pass
+                assert refused.value.response.status_code == 503
+                status, body = post_speech(d)
+                assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+                await listener.until_done("open", timeout=60)
+                listener.utterance("open").assert_complete(text, 2)
+                with pytest.raises(ConnectionClosed):
+                    await listener.recv(timeout=10)
+                assert listener.ws.close_code == 1001
+            assert d.proc.wait(30) == 0
+        finally:
+            d.stop()
+            listening.clear()
+            reader.join(5)
+            sock.close()
+
+
+async def wait_for(condition: Callable[[], bool], limit_s: float = 60.0) -> None:
+    """Poll `condition`; the limit only fires on a hang."""
+    for _ in range(int(limit_s / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def post_speech(d: Daemon) -> tuple[int, str]:
+    body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "Hello."}).encode()
+    request = urllib.request.Request(d.http + "/v1/audio/speech", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

@@ -111,3 +111,12 @@ def test_logs_go_to_the_journal(unit: configparser.ConfigParser) -> None:
 @pytest.mark.parametrize("span, seconds", [("30", 30), ("30s", 30), ("1min 30s", 90), ("500ms", 0.5)])
 def test_time_span_parsing(span: str, seconds: float) -> None:
     assert _seconds(span) == pytest.approx(seconds)
+
+
+def test_systemd_waits_for_ready_and_watches_the_event_loop(unit: configparser.ConfigParser) -> None:
+    """speakd sends READY=1 after warm-up and WATCHDOG=1 every WatchdogSec / 2 (server/sd_notify.py)."""
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert _seconds(service["WatchdogSec"]) >= 10
+    assert _seconds(service["TimeoutStartSec"]) >= 120  # the first start assembles the model cache
+    assert "AF_UNIX" in service["RestrictAddressFamilies"].split()  # the notify socket

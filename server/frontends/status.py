@@ -13,7 +13,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     loader = request.app[LOADER]
-    if loaded_core(request.app) is not None:
+    core = loaded_core(request.app)
+    if core is not None and core.closing:
+        return web.Response(status=503, text="draining\n")
+    if core is not None:
         return web.Response(text="ready\n")
     if loader.done() and not loader.cancelled():
         return web.Response(status=503, text=f"model failed to load: {loader.exception()}\n")
