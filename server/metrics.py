@@ -327,6 +327,13 @@ class SpeakdMetrics:
             Counter("speakd_audio_seconds_total", "Seconds of audio synthesized and sent.")
         )
         self.segments = registry.register(Counter("speakd_segments_total", "Text segments synthesized."))
+        self.load = registry.register(
+            Gauge(
+                "speakd_load",
+                "Share of real-time synthesis capacity in use: the busiest stage's busy fraction over "
+                "the last 10 s (1 = saturated). Autoscale on it.",
+            )
+        )
         self.ready = registry.register(
             Gauge("speakd_ready", "1 once the model is loaded and serving, else 0.")
         )

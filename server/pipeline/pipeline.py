@@ -89,6 +89,7 @@ class Pipeline:
             )
         )
         self._tasks: list[asyncio.Task[None]] = []
+        metrics.load.set_function(self.load)
 
     def _stage(
         self,
@@ -171,6 +172,11 @@ class Pipeline:
             }
             for stage in self._stages
         }
+
+    def load(self) -> float:
+        """The busiest stage's busy fraction over the last seconds: the share of real-time synthesis
+        capacity in use (0 idle, 1 saturated: new work waits)."""
+        return max(stage.busy.fraction() for stage in self._stages)
 
     def depths(self) -> dict[str, int]:
         """Items queued before each stage, by stage name: all zero when no work is left anywhere."""

@@ -17,6 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from speakd.server.errors import SynthesisError
 from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.busy import BusyMeter
 from speakd.server.pipeline.fair_queue import BatchLimits, FairQueue
 from speakd.server.pipeline.job import EndMarker, Job
 
@@ -88,6 +89,7 @@ class Stage(Generic[In, Out]):
         self._on_failure = on_failure
         self._finish = finish
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"speakd-{name}")
+        self.busy = BusyMeter(workers)
 
     def _eligible(self, owner: Hashable) -> bool:
         assert isinstance(owner, Job)
@@ -141,9 +143,11 @@ class Stage(Generic[In, Out]):
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out]:
         started = time.perf_counter()
+        token = self.busy.start()
         try:
             outputs: list[Out] = await loop.run_in_executor(self._executor, self._work, work)
         except Exception as exc:
+            self.busy.stop(token)
             if len(work) == 1:
                 self._fail(work[0].job, exc)
                 return []
@@ -152,6 +156,7 @@ class Stage(Generic[In, Out]):
             for item in work:
                 outputs.extend(await self._compute(loop, [item]))
             return outputs
+        self.busy.stop(token)
         self._metrics.stage_seconds.labels(stage=self.name).observe(time.perf_counter() - started)
         self._metrics.batch_items.labels(stage=self.name).observe(len(work))
         return outputs
