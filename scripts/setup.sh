@@ -10,6 +10,8 @@ need_libs=()
 libs=$(ldconfig -p 2>/dev/null || true)
 grep 'libopus\.so\.0' >/dev/null <<<"$libs" || need_libs+=(libopus0)
 grep 'libportaudio\.so\.2' >/dev/null <<<"$libs" || need_libs+=(libportaudio2)
+# The tests put three daemons behind a real HAProxy (tests/test_e2e_haproxy.py).
+if [ "$extra" = test ] && ! PATH="$PATH:/usr/sbin" command -v haproxy >/dev/null; then need_libs+=(haproxy); fi
 if ((${#need_libs[@]})); then
   echo "setup: installing system libraries: ${need_libs[*]}" >&2
   sudo=""
