@@ -216,9 +216,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return body
 
 
+def _shutting_down(message: str) -> ApiError:
+    """The daemon is draining: a balancer or the SDK retries elsewhere or later."""
+    return ApiError(503, message, type_="server_error", code="shutting_down", retry_after_s=5)
+
+
 def _refused(exc: RequestRefused) -> ApiError:
     if exc.code is ErrorCode.SHUTTING_DOWN:
-        return ApiError(503, exc.message, type_="server_error", code="shutting_down", retry_after_s=5)
+        return _shutting_down(exc.message)
     return ApiError(400, exc.message, code=exc.code.value)
 
 
@@ -245,9 +250,7 @@ async def _create_speech(request: web.Request) -> web.StreamResponse:
         session = core.admit(stream, max_utterances=1)
     except Busy as exc:
         if core.closing:
-            raise ApiError(
-                503, str(exc), type_="server_error", code="shutting_down", retry_after_s=5
-            ) from exc
+            raise _shutting_down(str(exc)) from exc
         raise ApiError(
             429,
             f"the daemon is busy: {exc}",
@@ -291,7 +294,7 @@ async def _respond(
     failure = next((event for event in pending if isinstance(event, Failed)), None)
     if failure is not None:
         if failure.code is ErrorCode.SHUTTING_DOWN:
-            raise ApiError(503, failure.message, type_="server_error", code="shutting_down", retry_after_s=5)
+            raise _shutting_down(failure.message)
         raise ApiError(500, failure.message, type_="server_error", code=failure.code.value)
     sse = speech.stream_format == "sse"
     content_type = "text/event-stream" if sse else CONTENT_TYPES[speech.response_format]
@@ -360,21 +363,19 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _model_ids(request: web.Request) -> list[str]:
+    """The backend's own name (once loaded), then OpenAI's: any of them is accepted as `model`."""
+    core = loaded_core(request.app)
+    return ([core.backend.model_id] if core else []) + list(MODEL_ALIASES)
+
+
 async def list_models(request: web.Request) -> web.Response:
-    core = _core_or_none(request)
-    ids = ([core.backend.model_id] if core else []) + list(MODEL_ALIASES)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "speakd"} for i in ids],
-        }
-    )
+    data = [{"id": i, "object": "model", "created": 0, "owned_by": "speakd"} for i in _model_ids(request)]
+    return web.json_response({"object": "list", "data": data})
 
 
 async def list_audio_models(request: web.Request) -> web.Response:
-    core = _core_or_none(request)
-    ids = ([core.backend.model_id] if core else []) + list(MODEL_ALIASES)
-    return web.json_response({"models": [{"id": i, "name": i} for i in ids]})
+    return web.json_response({"models": [{"id": i, "name": i} for i in _model_ids(request)]})
 
 
 async def list_voices(request: web.Request) -> web.Response:
@@ -383,10 +384,6 @@ async def list_voices(request: web.Request) -> web.Response:
     except ApiError as exc:
         return exc.response()
     return web.json_response({"voices": [{"id": name, "name": name} for name in core.backend.voice_names]})
-
-
-def _core_or_none(request: web.Request) -> SynthesisCore | None:
-    return loaded_core(request.app)
 
 
 PUBLIC_PATHS = frozenset({"/v1/models", "/v1/audio/models", "/v1/audio/voices"})
