@@ -8,8 +8,10 @@ or cancel their utterances (on_shutdown), then stop the pipeline (cleanup contex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -141,6 +143,18 @@ PUBLIC_PATHS = DEFAULT_PUBLIC_PATHS | openai_speech.PUBLIC_PATHS | {"/v1/voices"
 those without credentials; they reveal only names)."""
 
 
+async def _bound_send_buffer(request: web.Request, response: web.StreamResponse) -> None:
+    """Cap the kernel's send buffer of the client's socket, so a reader that stalls holds a bounded
+    amount of kernel memory and meets speakd's own limits (overloaded, back-pressure) soon."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, request.app[CONFIG].limits.socket_send_buffer_bytes
+            )
+
+
 def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Application:
     """The application; `tokens` default to those of auth.token_file."""
     if tokens is None:
@@ -151,6 +165,7 @@ def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Applic
     app[STOP] = asyncio.Event()
     app.cleanup_ctx.append(_speech_context)
     app.on_shutdown.append(drain)
+    app.on_response_prepare.append(_bound_send_buffer)
     status.add_routes(app)
     openai_speech.add_routes(app)
     app.router.add_get(PATH, stream)

@@ -59,6 +59,9 @@ class LimitsSection:
     idle_timeout_s: float = 300.0
     max_outbound_bytes: int = 4 * 1024 * 1024
     send_timeout_s: float = 10.0
+    # The kernel's send buffer per client socket: Linux would otherwise grow it to ~4 MiB for a reader
+    # that stalls, on top of speakd's own buffer.
+    socket_send_buffer_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True)
