@@ -207,6 +207,8 @@ def test_unknown_fields_from_other_clients_are_ignored(daemon: Daemon) -> None:
         extra_body={"stream": True, "lang_code": "a", "normalization_options": {}},
     )
     assert_says(decode(speech.content, "pcm"), "Open the crate but don't break the glass.")
+    # The load signal saw that work: a stage was busy within the last 10 s, and never over capacity.
+    assert 0 < gauge(daemon, "speakd_load") <= 1
 
 
 # -- errors, as the SDK's typed exceptions -------------------------------------------------------------
