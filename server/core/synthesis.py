@@ -27,6 +27,7 @@ from speakd.server.pipeline.pipeline import Pipeline
 logger = logging.getLogger(__name__)
 
 SPEED_RANGE = (0.25, 4.0)
+"""Speeds every door accepts: OpenAI's range, which holds protocol v1's 0.5-2.0."""
 
 
 class SynthesisCore:

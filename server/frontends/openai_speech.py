@@ -24,7 +24,7 @@ from speakd.server.audio.containers import CONTENT_TYPES, FORMATS, open_containe
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
 from speakd.server.core.events import AudioChunk, Event, Failed, Finished
-from speakd.server.core.synthesis import SynthesisCore
+from speakd.server.core.synthesis import SPEED_RANGE, SynthesisCore
 from speakd.server.frontends.keys import CONFIG, loaded_core
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ OPENAI_VOICES = (
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 """OpenAI's model names, listed beside the backend's own: any `model` string is accepted."""
 STREAM_FORMATS = ("audio", "sse")
-SPEED_RANGE = (0.25, 4.0)
 MAX_INSTRUCTIONS_CHARS = 4096
 # Audio held for a reader that has not taken it yet: past this the pipeline holds the request's work.
 STREAM_BUFFER_BYTES = 256 * 1024
