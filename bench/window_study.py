@@ -2,10 +2,10 @@
 
 Usage: .venv/bin/python bench/window_study.py [--configs 8:12,4:8] [--sentences 60] [--no-whisper]
 
-A context's first segment is vocoded in two windows (server/engines/kokoro/windows.py) so its first
+A segment for a waiting listener is vocoded in windows (server/engines/kokoro/windows.py) so its first
 audio leaves early; every frame of context the first window renders delays that audio by ~7.5 ms on this CPU.
 For each configuration LEAD:RIGHT (frames of context rendered before and after the first window)
-this renders the first window with that context, stitches it to the second window as the daemon
+this renders the first window with that context, stitches it to the later windows as the daemon
 does, and compares the result with one whole render of the segment:
 - log-mel distance in dB over the whole emitted audio, over the first window only, and around the
   seam (mean absolute difference of 80-band log-mel spectra, 25 ms frames; 0 = identical);
@@ -120,15 +120,13 @@ def main() -> int:
         chunk = g2p(text)[0]
         request = AcousticRequest(chunk.tokens, voices.style(VOICE, len(chunk.tokens)), 1.0)
         features = engine.acoustic([request])[0]
-        planned = plan_windows(features, progressive=True, vocoder=VOCODER)
-        if len(planned) != 2:
+        planned = plan_windows(features, slack_s=0.0, vocoder=VOCODER)
+        if len(planned) < 2:
             print(f"skipped (one window): {text}", flush=True)
             continue
-        first, second = planned
+        first, second, last = planned[0], planned[1], planned[-1]
         start = first.start
-        single = Window(
-            start, second.end, max(0, start - CONTEXT_FRAMES), second.end, True, second.pad_frames
-        )
+        single = Window(start, last.end, max(0, start - CONTEXT_FRAMES), last.end, True, last.pad_frames)
         reference = render(engine, features, [single])
         ref_mel = log_mel(reference)
         seam = first.end - start
@@ -142,7 +140,7 @@ def main() -> int:
             w1 = dataclasses.replace(
                 first, render_start=max(0, start - lead), render_end=min(second.end, first.end + right)
             )
-            audio = render(engine, features, [w1, second])
+            audio = render(engine, features, [w1, *planned[1:]])
             assert audio.shape == reference.shape
             # Floored 60 dB under the reference's peak: differences in near-silence are inaudible.
             floor = float(ref_mel.max()) - FLOOR_DB

@@ -59,6 +59,7 @@ async def _load(app: web.Application) -> SynthesisCore:
             linger_s=config.pipeline.batch_linger_ms / 1000,
         ),
         encoder_workers=config.pipeline.encoder_threads or min(4, os.cpu_count() or 1),
+        sample_rate=backend.sample_rate,
     )
     started = time.perf_counter()
     try:

@@ -190,3 +190,33 @@ async def test_a_batch_no_item_could_join_does_not_linger() -> None:
     queue.put_nowait("a", "a:100")
     batch = await asyncio.wait_for(queue.get_batch(BatchLimits(4, max_cost=100, linger_s=30.0), everyone), 1)
     assert batch == ["a:100"]
+
+
+async def test_the_lane_due_soonest_goes_first_and_equals_take_turns() -> None:
+    due = {"in_hand": 12.0, "dry_soon": 10.5, "a": 11.0, "b": 11.0}
+    queue: FairQueue[str] = FairQueue(None, deadline=due.__getitem__)
+    for owner in due:
+        queue.put_nowait(owner, f"{owner}0")
+        queue.put_nowait(owner, f"{owner}1")
+    # Deadlines do not move here, so a lane due soonest keeps the stage until it is empty; a and b,
+    # due together, alternate.
+    assert await drain(queue) == ["dry_soon0", "dry_soon1", "a0", "b0", "a1", "b1", "in_hand0", "in_hand1"]
+
+
+async def test_an_urgent_head_goes_before_any_deadline() -> None:
+    due = {"late": 1.0, "new": 50.0}
+    queue: FairQueue[str] = FairQueue(None, deadline=due.__getitem__)
+    queue.put_nowait("late", "l0")
+    queue.put_nowait("new", "first", urgent=True)
+    assert await queue.get_batch(1) == ["first"]
+
+
+async def test_put_front_returns_the_rest_of_an_item_to_the_head_of_its_lane() -> None:
+    queue: FairQueue[str] = FairQueue(1)
+    queue.put_nowait("a", "a1")
+    queue.put_nowait("a", "end")
+    queue.put_front("a", "a0 rest")
+    queue.put_front("b", "b0 rest")
+    assert queue.lane_lengths() == {"a": 3, "b": 1}
+    assert queue.holds("a") and not queue.holds("c")
+    assert await drain(queue) == ["a0 rest", "b0 rest", "a1", "end"]

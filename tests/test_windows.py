@@ -13,16 +13,20 @@ from speakd.server.engines.kokoro.windows import (
     CONTEXT_FRAMES,
     COST_MARGIN,
     CROSSFADE_SAMPLES,
-    FIRST_RIGHT_CONTEXT_FRAMES,
     LEAD_CONTEXT_FRAMES,
     LEAD_KEEP_FRAMES,
-    MIN_FIRST_FRAMES,
+    MAX_WINDOWS,
+    MIN_WINDOW_FRAMES,
+    PREBUFFER_FRAMES,
+    RIGHT_CONTEXT_FRAMES,
     SECONDS_PER_FRAME,
     TAIL_KEEP_FRAMES,
     Stitcher,
     Window,
     expected_samples,
+    next_window,
     plan_windows,
+    segment_span,
 )
 
 
@@ -60,65 +64,81 @@ def speed(rtf: float) -> VocoderCost:
 
 @pytest.mark.parametrize("frames", [30, 60, 122, 400])
 @pytest.mark.parametrize("rtf", [0.05, 0.33, 1.0])
-def test_plan_covers_each_frame_once_after_the_trimmed_lead(frames: int, rtf: float) -> None:
+@pytest.mark.parametrize("slack_s", [0.0, 0.5, 10.0])
+def test_plan_covers_each_frame_once_after_the_trimmed_lead(frames: int, rtf: float, slack_s: float) -> None:
     feats = features(frames)
-    for progressive in (False, True):
-        windows = plan_windows(feats, progressive=progressive, vocoder=speed(rtf))
-        assert windows[0].start == 20 - LEAD_KEEP_FRAMES
-        assert windows[-1].end == frames and windows[-1].last
-        assert all(not w.last for w in windows[:-1])
-        for before, after in itertools.pairwise(windows):
-            assert before.end == after.start
-        for w in windows:
-            assert w.render_start <= w.start < w.end <= w.render_end <= frames
-            right = CONTEXT_FRAMES if w.last else FIRST_RIGHT_CONTEXT_FRAMES
-            assert w.render_end == min(frames, w.end + right)
-        assert expected_samples(windows) == (frames - windows[0].start) * SAMPLES_PER_FRAME
+    windows = plan_windows(feats, slack_s=slack_s, vocoder=speed(rtf))
+    assert windows[0].start == 20 - LEAD_KEEP_FRAMES
+    assert windows[-1].end == frames and windows[-1].last
+    assert all(not w.last for w in windows[:-1])
+    for before, after in itertools.pairwise(windows):
+        assert before.end == after.start
+        assert after.render_start == max(windows[0].start, after.start - CONTEXT_FRAMES)
+    for w in windows:
+        assert w.render_start <= w.start < w.end <= w.render_end <= frames
+        assert w.end - w.start >= MIN_WINDOW_FRAMES or len(windows) == 1
+        right = CONTEXT_FRAMES if w.last else RIGHT_CONTEXT_FRAMES
+        assert w.render_end == min(frames, w.end + right)
+    assert expected_samples(windows) == (frames - windows[0].start) * SAMPLES_PER_FRAME
 
 
-def test_single_window_is_used_unless_progressive() -> None:
-    windows = plan_windows(features(200), progressive=False, vocoder=speed(0.33))
+def test_a_listener_with_audio_in_hand_hears_no_seam() -> None:
+    feats = features(200)
+    windows = plan_windows(feats, slack_s=10.0, vocoder=speed(0.33))
     assert len(windows) == 1
     assert windows[0].render_start == 20 - LEAD_KEEP_FRAMES - CONTEXT_FRAMES
 
 
-@pytest.mark.parametrize("cost", [speed(0.33), VocoderCost(0.025, 0.007), VocoderCost(0.05, 0.012)])
-def test_first_window_is_short_and_the_second_fits_in_its_playback(cost: VocoderCost) -> None:
-    feats = features(160)
-    first, second = plan_windows(feats, progressive=True, vocoder=cost)
+def test_a_listener_short_of_time_gets_the_longest_window_that_fits() -> None:
+    cost = VocoderCost(0.025, 0.0075)
+    span = segment_span(features(300))
+    window = next_window(span, span.start, 1.0, cost)
+    assert not window.last
+    assert COST_MARGIN * cost.seconds(window.render_end - window.render_start) <= 1.0
+    assert COST_MARGIN * cost.seconds(window.render_end - window.render_start + 1) > 1.0 - 0.2  # near it
+
+
+@pytest.mark.parametrize("cost", [speed(0.33), VocoderCost(0.025, 0.0075), VocoderCost(0.05, 0.012)])
+@pytest.mark.parametrize("frames", [80, 160, 300])
+def test_a_waiting_listener_gets_a_short_first_window_and_the_rest_keeps_up(
+    cost: VocoderCost, frames: int
+) -> None:
+    feats = features(frames)
+    windows = plan_windows(feats, slack_s=0.0, vocoder=cost)
+    first = windows[0]
     assert first.render_start == first.start - LEAD_CONTEXT_FRAMES  # the trimmed lead-in is context
-    first_render = cost.seconds(first.render_end - first.render_start)
-    whole_render = cost.seconds(160 - first.start + CONTEXT_FRAMES)
-    assert first_render < 0.6 * whole_render
-    # Rendering the second window (with the margin) takes no longer than playing the first plus the
-    # 4-frame pre-buffer, and one frame less in the first window would not leave that time.
-    second_render = COST_MARGIN * cost.seconds(second.render_end - second.render_start)
-    assert second_render <= (first.end - first.start + 4) * SECONDS_PER_FRAME
-    shorter = COST_MARGIN * cost.seconds(second.render_end - second.render_start + 1)
-    assert (
-        first.end - first.start == MIN_FIRST_FRAMES
-        or shorter > (first.end - first.start + 3) * SECONDS_PER_FRAME
-    )
+    whole_render = cost.seconds(frames - first.start + CONTEXT_FRAMES)
+    assert cost.seconds(first.render_end - first.render_start) < 0.6 * whole_render
+    assert len(windows) <= MAX_WINDOWS
+    # Each later window renders (with the margin) before the audio before it has played out, counting
+    # the client's pre-buffer: the listener never waits again.
+    in_hand = PREBUFFER_FRAMES * SECONDS_PER_FRAME
+    for before, window in itertools.pairwise(windows):
+        in_hand += (before.end - before.start) * SECONDS_PER_FRAME
+        in_hand -= COST_MARGIN * cost.seconds(window.render_end - window.render_start)
+        assert in_hand >= 0
+
+
+def test_a_vocoder_whose_cost_is_mostly_fixed_does_not_split() -> None:
+    assert len(plan_windows(features(160), slack_s=0.0, vocoder=VocoderCost(0.03, 0.0001))) == 1
 
 
 def test_a_short_segment_is_not_split() -> None:
-    feats = features(20 + MIN_FIRST_FRAMES)
-    assert len(plan_windows(feats, progressive=True, vocoder=speed(0.33))) == 1
+    feats = features(20 + MIN_WINDOW_FRAMES)
+    assert len(plan_windows(feats, slack_s=0.0, vocoder=speed(0.33))) == 1
 
 
 def test_seam_moves_to_a_nearby_unvoiced_frame() -> None:
-    plain = plan_windows(features(160), progressive=True, vocoder=speed(0.33))[0].end
-    moved = plan_windows(features(160, unvoiced_at=(plain + 2,)), progressive=True, vocoder=speed(0.33))[
-        0
-    ].end
+    plain = plan_windows(features(160), slack_s=0.0, vocoder=speed(0.33))[0].end
+    moved = plan_windows(features(160, unvoiced_at=(plain + 2,)), slack_s=0.0, vocoder=speed(0.33))[0].end
     assert moved == plain + 2
 
 
 @pytest.mark.parametrize("frames", [45, 122, 300])
 def test_stitching_a_local_vocoder_reproduces_the_whole_render(frames: int) -> None:
     feats = features(frames)
-    windows = plan_windows(feats, progressive=True, vocoder=speed(0.33))
-    assert len(windows) == 2
+    windows = plan_windows(feats, slack_s=0.0, vocoder=speed(0.33))
+    assert len(windows) >= 2
     whole = local_vocoder(feats)[windows[0].start * SAMPLES_PER_FRAME :]
     stitched = render(feats, windows)
     assert stitched.shape == whole.shape
@@ -127,7 +147,7 @@ def test_stitching_a_local_vocoder_reproduces_the_whole_render(frames: int) -> N
 
 def test_crossfade_blends_different_renders_smoothly() -> None:
     feats = features(122)
-    first, second = plan_windows(feats, progressive=True, vocoder=speed(0.33))
+    first, second, *_ = plan_windows(feats, slack_s=0.0, vocoder=speed(0.33))
     stitcher = Stitcher()
     a = stitcher.add(first, np.ones((first.render_end - first.render_start) * SAMPLES_PER_FRAME, np.float32))
     b = stitcher.add(
@@ -148,11 +168,11 @@ def with_trailing_pause(frames: int, pause: int) -> AcousticFeatures:
     return feats
 
 
-@pytest.mark.parametrize("progressive", [False, True])
-def test_trailing_pause_is_emitted_as_zeros_not_rendered(progressive: bool) -> None:
+@pytest.mark.parametrize("slack_s", [0.0, 10.0])
+def test_trailing_pause_is_emitted_as_zeros_not_rendered(slack_s: float) -> None:
     frames, pause = 160, 24
     feats = with_trailing_pause(frames, pause)
-    windows = plan_windows(feats, progressive=progressive, vocoder=speed(0.33))
+    windows = plan_windows(feats, slack_s=slack_s, vocoder=speed(0.33))
     last = windows[-1]
     assert last.end == frames - pause + TAIL_KEEP_FRAMES
     assert last.render_end == last.end
@@ -169,5 +189,5 @@ def test_a_pause_inside_the_segment_is_rendered() -> None:
     feats = features(160)
     feats.f0[:, 160:200] = 8.0
     feats.energy[:, 160:200] = -8.0  # frames 80..99 pause, speech resumes after
-    windows = plan_windows(feats, progressive=False, vocoder=speed(0.33))
+    windows = plan_windows(feats, slack_s=10.0, vocoder=speed(0.33))
     assert windows[-1].end == 160 and windows[-1].pad_frames == 0

@@ -29,18 +29,29 @@ class BatchLimits:
 
 
 class FairQueue(Generic[T]):
-    """Per-owner FIFO lanes served round-robin, a lane whose head is urgent first, each lane bounded.
+    """Per-owner FIFO lanes served earliest deadline first, a lane whose head is urgent before all,
+    round-robin among equals; each lane bounded.
 
     Order within one owner is always kept. Lanes, not the queue, are bounded: a stage takes work
     only for owners whose lane in the next queue has room (`get_batch(eligible=...)`), so it never
     blocks holding one context's item while another context's first segment waits behind it, and
     a long reader runs at most `lane_limit` items ahead per stage. `discard` drops an owner's
     queued items at once, which is how a cancel reaches work that has not started yet.
+
+    `deadline(owner)` says when an owner's listener runs out of audio (see `PlaybackClock`): the
+    lane due soonest goes first, so a listener with seconds in hand yields to one about to run dry.
+    Owners due at the same time keep the round-robin order.
     """
 
-    def __init__(self, lane_limit: int | None, cost: Callable[[T], int] | None = None) -> None:
+    def __init__(
+        self,
+        lane_limit: int | None,
+        cost: Callable[[T], int] | None = None,
+        deadline: Callable[[Hashable], float] | None = None,
+    ) -> None:
         self._lane_limit = lane_limit
         self._cost = cost
+        self._deadline = deadline
         self._lanes: dict[Hashable, deque[tuple[T, bool]]] = {}
         self._turns: deque[Hashable] = deque()
         self._size = 0
@@ -66,6 +77,16 @@ class FairQueue(Generic[T]):
             lane = self._lanes[owner] = deque()
             self._turns.append(owner)
         lane.append((item, urgent))
+        self._size += 1
+        self.poke()
+
+    def put_front(self, owner: Hashable, item: T) -> None:
+        """Put `item` back at the head of `owner`'s lane (the rest of what it was taken for)."""
+        lane = self._lanes.get(owner)
+        if lane is None:
+            lane = self._lanes[owner] = deque()
+            self._turns.append(owner)
+        lane.appendleft((item, False))
         self._size += 1
         self.poke()
 
@@ -107,6 +128,10 @@ class FairQueue(Generic[T]):
             if waiter in self._getters:
                 self._getters.remove(waiter)
 
+    def holds(self, owner: Hashable) -> bool:
+        """Whether anything of `owner`'s is queued here."""
+        return owner in self._lanes
+
     def lane_lengths(self) -> dict[Hashable, int]:
         """Items queued per owner, for metrics and tests."""
         return {owner: len(lane) for owner, lane in self._lanes.items()}
@@ -138,7 +163,10 @@ class FairQueue(Generic[T]):
             ]
             if not candidates:
                 break
-            owner = next((o for o in candidates if self._lanes[o][0][1]), candidates[0])
+            owner = next((o for o in candidates if self._lanes[o][0][1]), None)
+            if owner is None:
+                # min keeps the first of equals: the round-robin order breaks ties.
+                owner = min(candidates, key=self._deadline) if self._deadline else candidates[0]
             item, urgent = self._lanes[owner][0]
             if not batch.fits(item):
                 # Serving order stops here: waiting longer would only hold this item (urgent or not).

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from speakd.server.audio.encoders import Frame
 from speakd.server.errors import SynthesisError
+from speakd.server.pipeline.playback import PlaybackClock
 
 
 class AudioEncoder(Protocol):
@@ -55,6 +56,7 @@ class Job:
         self.encoder = encoder
         self.sink = sink
         self.cancelled = False
+        self.playback = PlaybackClock()
         # Each counter has one writer (the loop or the first stage's thread), so reads elsewhere are safe.
         self.texts_submitted = 0
         self.submitted_chars = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from speakd.server.errors import SynthesisError
@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 
 WarmUpStep = tuple[str, Callable[[Any], Any]]
 """A stage name and a function to run on that stage's thread; each step gets the previous one's result."""
+
+
+def _deadline(owner: Hashable) -> float:
+    """When a lane's listener needs its next audio: the fair queues serve the earliest first."""
+    assert isinstance(owner, Job)
+    return owner.playback.deadline
 
 
 def _is_urgent(item: Item) -> bool:
@@ -48,19 +54,22 @@ class Pipeline:
         lane_limit: int,
         batching: BatchLimits | None = None,
         encoder_workers: int = 1,
+        sample_rate: int = 24000,
     ) -> None:
         """`batching` bounds the batches of the stages that batch (cost = their `cost`, padded); the
         others and the encoder work item by item. Opus costs about 1.5 % of a core per live stream:
         `encoder_workers` threads encode jobs in parallel (opuslib and PyAV release the GIL), which a
-        GPU serving hundreds of streams needs."""
+        GPU serving hundreds of streams needs. `sample_rate` is the engine's, to time the listeners'
+        playback (each job's deadline) from the waveforms its last stage makes."""
         if not stages:
             raise ValueError("an engine must supply at least one stage")
         self._metrics = metrics
+        self._sample_rate = sample_rate
         # Text waiting for the first stage is bounded per job by the utterance's text budget; the
         # other queues hold at most `lane_limit` items per job (a few more where one item expands).
-        inboxes: list[FairQueue[Any]] = [FairQueue(None)]
-        inboxes += [FairQueue(lane_limit, spec.cost) for spec in stages[1:]]
-        encoder_inbox: FairQueue[WaveformItem | EndMarker] = FairQueue(lane_limit)
+        inboxes: list[FairQueue[Any]] = [FairQueue(None, deadline=_deadline)]
+        inboxes += [FairQueue(lane_limit, spec.cost, _deadline) for spec in stages[1:]]
+        encoder_inbox: FairQueue[WaveformItem | EndMarker] = FairQueue(lane_limit, deadline=_deadline)
         self._text_queue: FairQueue[TextItem | EndMarker] = inboxes[0]
         self._encoder_inbox = encoder_inbox
         outboxes: list[FairQueue[Any]] = [*inboxes[1:], encoder_inbox]
@@ -72,7 +81,7 @@ class Pipeline:
                     spec.work,
                     inbox,
                     outbox.has_room,
-                    self._into(outbox),
+                    self._into(outbox) if outbox is not encoder_inbox else self._produced,
                     limits=(batching or BatchLimits(1)) if spec.batched else BatchLimits(1),
                 )
             )
@@ -147,6 +156,7 @@ class Pipeline:
             value = await stages[name].call(function, value)
 
     def submit(self, job: Job, text: str) -> None:
+        job.playback.submitted()
         item = TextItem(job, text, first=job.texts_submitted == 0)
         job.texts_submitted += 1
         job.submitted_chars += len(text)
@@ -178,6 +188,13 @@ class Pipeline:
         capacity in use (0 idle, 1 saturated: new work waits)."""
         return max(stage.busy.fraction() for stage in self._stages)
 
+    def active(self, job: Job) -> bool:
+        """Whether `job` holds a share of synthesis capacity: work of its is queued or running in
+        some stage, or its listener still has audio to play."""
+        return job.playback.playing() or any(
+            stage.inbox.holds(job) or stage.working_on(job) for stage in self._stages
+        )
+
     def depths(self) -> dict[str, int]:
         """Items queued before each stage, by stage name: all zero when no work is left anywhere."""
         return {stage.name: len(stage.inbox) for stage in self._stages}
@@ -192,6 +209,12 @@ class Pipeline:
             queue.put_nowait(item.job, item, urgent=_is_urgent(item))
 
         return emit
+
+    def _produced(self, item: WaveformItem | EndMarker) -> None:
+        """The engine's last stage made audio: the listener's clock moves on, then it is encoded."""
+        if isinstance(item, WaveformItem):
+            item.job.playback.produced(len(item.audio) / self._sample_rate)
+        self._encoder_inbox.put_nowait(item.job, item, urgent=_is_urgent(item))
 
     @staticmethod
     def _deliver(item: EncodedSegment | EndMarker) -> None:

@@ -37,13 +37,28 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class Again:
+    """What is left of an item a stage did only part of: it goes back to the head of its job's lane
+    in the same stage, so other jobs due sooner may take the stage first (a long segment vocoded
+    window by window)."""
+
+    item: Any
+
+    @property
+    def job(self) -> Job:
+        job: Job = self.item.job
+        return job
+
+
+@dataclass(frozen=True, slots=True)
 class StageSpec:
     """What an engine supplies for one of its stages; the pipeline builds queues and workers from it.
 
     `work` runs in the stage's thread on a batch of items and returns the items for the next stage
-    (one in may give several out, or none). `cost` is an item's weight in a batch (frames, for
-    padded batches); `batched` stages take batches bounded by the pipeline's batch limits, the
-    others one item at a time (a batch would only delay its first item's output).
+    (one in may give several out, or none), and `Again` for work it left for a later turn. `cost` is
+    an item's weight in a batch (frames, for padded batches); `batched` stages take batches bounded
+    by the pipeline's batch limits, the others one item at a time (a batch would only delay its
+    first item's output).
     """
 
     name: str
@@ -63,7 +78,7 @@ class Stage(Generic[In, Out]):
     def __init__(
         self,
         name: str,
-        work: Callable[[list[In]], list[Out]],
+        work: Callable[[list[In]], list[Out | Again]],
         inbox: FairQueue[In | EndMarker],
         has_room: Callable[[Job], bool],
         emit: Callable[[Out | EndMarker], None],
@@ -91,6 +106,10 @@ class Stage(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"speakd-{name}")
         self.busy = BusyMeter(workers)
 
+    def working_on(self, job: Job) -> bool:
+        """Whether one of this stage's workers is computing an item of `job` now."""
+        return job in self._busy
+
     def _eligible(self, owner: Hashable) -> bool:
         assert isinstance(owner, Job)
         return owner not in self._busy and self._has_room(owner)
@@ -112,7 +131,7 @@ class Stage(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         batch = [item for item in taken if not item.job.cancelled]
         work: list[In] = [item for item in batch if not isinstance(item, EndMarker)]
-        outputs: list[Out | EndMarker] = []
+        outputs: list[Out | EndMarker | Again] = []
         if work:
             outputs.extend(await self._compute(loop, work))
         for item in batch:
@@ -128,7 +147,10 @@ class Stage(Generic[In, Out]):
                     continue
                 outputs.append(marker)
         for output in outputs:
-            if not output.job.cancelled:
+            if isinstance(output, Again):
+                if not output.job.cancelled:
+                    self.inbox.put_front(output.job, output.item)
+            elif not output.job.cancelled:
                 try:
                     self._emit(output)
                 except Exception as exc:
@@ -141,11 +163,11 @@ class Stage(Generic[In, Out]):
         error.__cause__ = exc
         self._on_failure(job, error)
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out]:
+    async def _compute(self, loop: asyncio.AbstractEventLoop, work: list[In]) -> list[Out | Again]:
         started = time.perf_counter()
         token = self.busy.start()
         try:
-            outputs: list[Out] = await loop.run_in_executor(self._executor, self._work, work)
+            outputs: list[Out | Again] = await loop.run_in_executor(self._executor, self._work, work)
         except Exception as exc:
             self.busy.stop(token)
             if len(work) == 1:

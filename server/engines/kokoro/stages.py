@@ -2,8 +2,8 @@
 
 The acoustic stage (text encoder, prosody, durations) is cheap; the vocoder is where 90 % of the
 FLOPs go. Keeping them apart lets the pipeline overlap one segment's vocoding with the next one's
-acoustic pass, and lets a batched engine group each on its own. A context's first segment is vocoded
-in windows so its first audio leaves early.
+acoustic pass, and lets a batched engine group each on its own. The vocoder renders a segment
+in windows sized by its listener's deadline (see `windows`), one window per turn.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticReques
 from speakd.server.engines.kokoro.g2p import EnglishG2P
 from speakd.server.engines.kokoro.vocoder_speed import VocoderCost, VocoderSpeed
 from speakd.server.engines.kokoro.voices import VoiceBank
-from speakd.server.engines.kokoro.windows import Stitcher, Window, plan_windows
+from speakd.server.engines.kokoro.windows import CONTEXT_FRAMES, Span, Stitcher, next_window, segment_span
 from speakd.server.pipeline.job import EndMarker, Job, TextItem, WaveformItem
-from speakd.server.pipeline.stage import StageSpec
+from speakd.server.pipeline.stage import Again, StageSpec
 
 # A little slower than the ONNX vocoder on 2 CPU cores, until measured here.
 INITIAL_VOCODER_COST = VocoderCost(fixed_s=0.025, per_frame_s=0.010)
@@ -37,13 +37,14 @@ class PhonemesItem:
 
 @dataclass(slots=True)
 class FeaturesItem:
-    """One window of a segment to vocode; the windows of a segment share one stitcher."""
+    """A segment to vocode from frame `position` on; its windows share one stitcher."""
 
     job: Job
     index: int
     text: str
     features: AcousticFeatures
-    window: Window
+    span: Span
+    position: int
     stitcher: Stitcher
 
 
@@ -55,8 +56,8 @@ def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
 
 
 def _window_frames(item: FeaturesItem | EndMarker) -> int:
-    """A vocoder item's batch cost: the frames its window renders."""
-    return 0 if isinstance(item, EndMarker) else item.window.render_end - item.window.render_start
+    """A vocoder item's batch cost: at most the frames the rest of its segment renders."""
+    return 0 if isinstance(item, EndMarker) else item.span.end - item.position + CONTEXT_FRAMES
 
 
 class KokoroStages:
@@ -93,26 +94,27 @@ class KokoroStages:
         ]
         out: list[FeaturesItem] = []
         for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
-            # Only a context's first segment is worth splitting: later ones render while earlier
-            # audio plays.
-            windows = plan_windows(feats, progressive=item.index == 0, vocoder=self._vocoder_speed.cost)
-            stitcher = Stitcher()
-            out.extend(FeaturesItem(item.job, item.index, item.text, feats, w, stitcher) for w in windows)
+            span = segment_span(feats)
+            out.append(FeaturesItem(item.job, item.index, item.text, feats, span, span.start, Stitcher()))
         return out
 
-    def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem]:
+    def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem | Again]:
+        # Each segment's next window is planned now, from the time its listener has left.
+        cost = self._vocoder_speed.cost
+        windows = [next_window(item.span, item.position, item.job.playback.slack(), cost) for item in items]
         started = time.perf_counter()
-        rendered = self._engine.vocode([item.window.slice(item.features) for item in items])
+        rendered = self._engine.vocode(
+            [w.slice(item.features) for item, w in zip(items, windows, strict=True)]
+        )
         # A batch costs what its padded size does: its items, each as long as the longest.
-        longest = max(item.window.render_end - item.window.render_start for item in items)
+        longest = max(w.render_end - w.render_start for w in windows)
         self._vocoder_speed.observe(len(items) * longest, time.perf_counter() - started)
-        return [
-            WaveformItem(
-                item.job,
-                item.index,
-                item.text,
-                item.stitcher.add(item.window, wave),
-                last_part=item.window.last,
+        out: list[WaveformItem | Again] = []
+        for item, window, wave in zip(items, windows, rendered, strict=True):
+            out.append(
+                WaveformItem(item.job, item.index, item.text, item.stitcher.add(window, wave), window.last)
             )
-            for item, wave in zip(items, rendered, strict=True)
-        ]
+            if not window.last:
+                item.position = window.end
+                out.append(Again(item))
+        return out

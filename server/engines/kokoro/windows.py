@@ -1,14 +1,18 @@
-"""Vocoding a context's first segment in two windows, so its first audio leaves early, gap-free.
+"""Vocoding a segment in windows sized by its listener's deadline, so no listener waits for a
+whole render: the first audio leaves early, and a listener about to run dry is served in time.
 
-The vocoder costs about 0.3 s per second of audio on a 2-core CPU, so a 2 s first sentence would
-keep a listener waiting 600 ms. Rendered as two consecutive windows, the first audio leaves after
-the first, short window; the first window is made just long enough that, at the vocoder's measured
-speed, the second window is rendered before the first has finished playing, so no gap follows.
-Each window is rendered with context frames beyond its edges (the trimmed lead-in included) so its
-convolutions see what a whole render sees, and the two are joined with a short
-crossfade at an unvoiced frame when one is near: the harmonic source's phase restarts in each
-window, which is inaudible where that source is silent. More, smaller windows do not pay on a CPU:
-every window re-renders 2 x CONTEXT_FRAMES, which at this speed costs as much as it gains.
+The vocoder costs about 0.3 s per second of audio on a 2-core CPU, so a 5 s first sentence would
+keep a listener waiting 1.5 s. The vocoder stage plans one window at a time, when it takes the
+segment up (`next_window`), from the time its listener still has audio for (its playback clock) and
+the vocoder's learnt cost: the rest of the segment whole when that fits in time (a listener with
+audio in hand never hears a seam), else the longest window that fits, else (a listener waiting
+already) the shortest window after which the rest can keep up. The rest of the segment goes back
+to the stage's queue, where other listeners due sooner may go first. Each window is rendered with
+context frames beyond its edges (the trimmed lead-in included) so its convolutions see what a whole
+render sees, and windows are joined with a short crossfade at an unvoiced frame when one is near:
+the harmonic source's phase restarts in each window, which is inaudible where that source is
+silent. Every window re-renders its context (about 20 frames, ~150 ms on this CPU), which is why
+windows are as long as the deadline allows and a split must pay (SPLIT_GAIN).
 
 The leading pause Kokoro puts before every utterance (~0.5 s of near-silence, the BOS token's
 duration) is trimmed to LEAD_KEEP_FRAMES in every segment: rendering it costs time and delays the
@@ -35,15 +39,22 @@ CONTEXT_FRAMES = 12
 # whole render): 8:12 frames 87 errors / 2.24 dB, 8:8 85 / 2.41 dB, 4:8 97 / 2.55 dB; on the first
 # 60 alone 0:12 60 errors against 47 for 8:12. Lead-in context pays, right context beyond 8 does not.
 LEAD_CONTEXT_FRAMES = 8
-FIRST_RIGHT_CONTEXT_FRAMES = 8
+RIGHT_CONTEXT_FRAMES = 8
 LEAD_KEEP_FRAMES = 4
 TAIL_KEEP_FRAMES = 4
 PAUSE_ENERGY = -2.5  # the energy curve sits near -5..-10 in pauses and above -2 in speech
-MIN_FIRST_FRAMES = 12  # 0.3 s
+MIN_WINDOW_FRAMES = 12  # 0.3 s: no window emits less
 PREBUFFER_FRAMES = 4  # the 100 ms a client buffers before it starts playing
 SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
-COST_MARGIN = 1.25  # the second window's render is planned at 1.25x its predicted time
-SPLIT_GAIN = 0.75  # split only if the first window renders in under 3/4 of the whole's time
+COST_MARGIN = 1.25  # a window is planned to render in 1.25x its predicted time
+# A listener waiting for audio gets a first window after which the rest of the segment keeps up in
+# at most this many windows in all: a few more milliseconds of waiting for fewer seams.
+MAX_WINDOWS = 4
+# A waiting listener's segment is split only if its first window renders in under 3/4 of the whole's
+# time and at least 50 ms sooner; a listener with audio in hand gets a split whenever the whole would
+# not render before that audio runs out.
+SPLIT_GAIN = 0.75
+MIN_SPLIT_GAIN_S = 0.05
 CROSSFADE_SAMPLES = 240  # 10 ms at 24 kHz; must stay well inside the context
 UNVOICED_HZ = 30.0
 SEAM_SEARCH_FRAMES = 4
@@ -95,50 +106,129 @@ def _seam(target: int, unvoiced: npt.NDArray[np.bool_], low: int, high: int) -> 
     return target
 
 
-def _first_frames(frames: int, vocoder: VocoderCost) -> int:
-    """The fewest frames (at least MIN_FIRST_FRAMES) the first window must emit so that the second
-    window, rendered after it, is ready before the first one and the client's pre-buffer have played."""
-    first = MIN_FIRST_FRAMES
-    while first < frames:
-        second_render = COST_MARGIN * vocoder.seconds(frames - first + CONTEXT_FRAMES)
-        if second_render <= (first + PREBUFFER_FRAMES) * SECONDS_PER_FRAME:
-            break
-        first += 1
-    return first
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The frames of a segment to emit: the trimmed lead and tail cut off, the tail's rest as zeros."""
+
+    start: int
+    end: int
+    pad_frames: int
+    unvoiced: npt.NDArray[np.bool_]
 
 
-def plan_windows(features: AcousticFeatures, *, progressive: bool, vocoder: VocoderCost) -> list[Window]:
-    """One window after the trimmed lead; two if `progressive` and the split pays.
-
-    `vocoder` predicts a render's time (learnt by the pipeline); the first window is sized so that the
-    second one's render fits in the first one's playback plus the client's pre-buffer. The first
-    window renders LEAD_CONTEXT_FRAMES of the trimmed lead-in before it and FIRST_RIGHT_CONTEXT_FRAMES
-    after it (see there for what they buy). The split pays only where the first window renders in
-    under SPLIT_GAIN of the whole's time: not where a call's fixed cost dominates (a GPU).
-    """
+def segment_span(features: AcousticFeatures) -> Span:
+    """What of a segment is rendered: from LEAD_KEEP_FRAMES before its first word to TAIL_KEEP_FRAMES
+    into its trailing pause; the rest of that pause is emitted as zeros."""
     total = features.frames
     lead = int(features.durations[0]) if features.durations.size else 0
     start = max(0, min(lead - LEAD_KEEP_FRAMES, total - 1))
     unvoiced = _unvoiced(features.f0)
     end = max(start + 1, _speech_end(features, unvoiced))
-    pad = total - end
-    frames = end - start
-    if progressive:
-        first = _first_frames(frames, vocoder)
-        if frames - first >= MIN_FIRST_FRAMES:
-            seam = _seam(start + first, unvoiced, start + MIN_FIRST_FRAMES // 2, end - 1)
-            head = Window(
-                start,
-                seam,
-                max(0, start - LEAD_CONTEXT_FRAMES),
-                min(end, seam + FIRST_RIGHT_CONTEXT_FRAMES),
-                last=False,
-            )
-            whole = vocoder.seconds(end - max(0, start - CONTEXT_FRAMES))
-            if vocoder.seconds(head.render_end - head.render_start) < SPLIT_GAIN * whole:
-                tail = Window(seam, end, max(start, seam - CONTEXT_FRAMES), end, last=True, pad_frames=pad)
-                return [head, tail]
-    return [Window(start, end, max(0, start - CONTEXT_FRAMES), end, last=True, pad_frames=pad)]
+    return Span(start, end, total - end, unvoiced)
+
+
+def _render_start(span: Span, position: int, *, whole: bool) -> int:
+    """Where a window from `position` starts rendering: context before it, the trimmed lead-in
+    included for a segment's first window (LEAD_CONTEXT_FRAMES when it is split off, else
+    CONTEXT_FRAMES), never before the segment's own start after that."""
+    if position == span.start:
+        return max(0, span.start - (CONTEXT_FRAMES if whole else LEAD_CONTEXT_FRAMES))
+    return max(span.start, position - CONTEXT_FRAMES)
+
+
+def _largest_fitting(seconds: float, context: int, vocoder: VocoderCost) -> int:
+    """The most frames a window with `context` extra frames may emit to render within `seconds`."""
+    if vocoder.per_frame_s <= 0:
+        return 1 << 30
+    return int((seconds / COST_MARGIN - vocoder.fixed_s) / vocoder.per_frame_s) - context
+
+
+def _keeps_up(remaining: int, slack_s: float, vocoder: VocoderCost) -> bool:
+    """Whether `remaining` frames can follow in at most MAX_WINDOWS - 1 windows, each as long as the
+    listener's audio in hand allows, without it running dry (at the predicted speed, with the margin)."""
+    for _ in range(MAX_WINDOWS - 1):
+        if COST_MARGIN * vocoder.seconds(remaining + CONTEXT_FRAMES) <= slack_s:
+            return True
+        frames = min(_largest_fitting(slack_s, CONTEXT_FRAMES + RIGHT_CONTEXT_FRAMES, vocoder), remaining)
+        if frames < MIN_WINDOW_FRAMES:
+            return False
+        render = COST_MARGIN * vocoder.seconds(frames + CONTEXT_FRAMES + RIGHT_CONTEXT_FRAMES)
+        slack_s += frames * SECONDS_PER_FRAME - render
+        remaining -= frames
+    return False
+
+
+def next_window(span: Span, position: int, slack_s: float, vocoder: VocoderCost) -> Window:
+    """The next window of a segment, from `position`, for a listener with `slack_s` seconds of audio
+    in hand, rendered now by a vocoder that costs `vocoder`.
+
+    The rest of the segment is rendered whole if that fits in the time the listener has: a seam costs
+    some intelligibility, so a listener with audio in hand never hears one. Otherwise the window is
+    as long as fits in that time, so later windows can grow and the seams stay few; a listener with
+    too little in hand (one waiting for its first audio) gets the shortest window after which the
+    rest can keep up, so its wait ends soonest. No split where it does not pay: where the window
+    would render in nearly the whole's time (a fixed cost per call dominates, as on a GPU)."""
+    whole_start = _render_start(span, position, whole=True)
+    whole = Window(position, span.end, whole_start, span.end, last=True, pad_frames=span.pad_frames)
+    remaining = span.end - position
+    whole_s = COST_MARGIN * vocoder.seconds(span.end - whole_start)
+    if whole_s <= slack_s or remaining < 2 * MIN_WINDOW_FRAMES:
+        return whole
+    render_start = _render_start(span, position, whole=False)
+    context = position - render_start + RIGHT_CONTEXT_FRAMES
+    most = remaining - MIN_WINDOW_FRAMES
+    frames = min(_largest_fitting(slack_s, context, vocoder), most)
+    waiting = frames < MIN_WINDOW_FRAMES
+    if waiting:
+        # The listener will wait whatever is chosen: the shortest window after which the rest keeps up.
+        prebuffer = PREBUFFER_FRAMES * SECONDS_PER_FRAME
+        frames = next(
+            (
+                n
+                for n in range(MIN_WINDOW_FRAMES, most + 1)
+                if _keeps_up(remaining - n, n * SECONDS_PER_FRAME + prebuffer, vocoder)
+            ),
+            _two_windows(remaining, slack_s + prebuffer, vocoder),
+        )
+    seam = _seam(position + frames, span.unvoiced, position + MIN_WINDOW_FRAMES // 2, span.end - 1)
+    head = Window(position, seam, render_start, min(span.end, seam + RIGHT_CONTEXT_FRAMES), last=False)
+    if waiting:
+        # A seam for a wait barely shorter does not pay (a call's fixed cost dominates, as on a GPU).
+        head_s, whole_s = _seconds(head, vocoder), vocoder.seconds(span.end - whole_start)
+        if head_s >= SPLIT_GAIN * whole_s or whole_s - head_s < MIN_SPLIT_GAIN_S:
+            return whole
+    return head
+
+
+def _two_windows(remaining: int, slack_s: float, vocoder: VocoderCost) -> int:
+    """Where no run of windows keeps up (a slow machine): the first of two, long enough that the
+    second renders while it plays, so there is one wait rather than many."""
+    first = MIN_WINDOW_FRAMES
+    while first < remaining - MIN_WINDOW_FRAMES:
+        second = COST_MARGIN * vocoder.seconds(remaining - first + CONTEXT_FRAMES)
+        if second <= slack_s + first * SECONDS_PER_FRAME:
+            break
+        first += 1
+    return first
+
+
+def plan_windows(features: AcousticFeatures, *, slack_s: float, vocoder: VocoderCost) -> list[Window]:
+    """Every window `next_window` gives for a segment if each render takes its predicted time (and
+    the margin) and nothing else runs: for studies and tests; the vocoder plans one at a time."""
+    span = segment_span(features)
+    windows = [next_window(span, span.start, slack_s, vocoder)]
+    slack_s = max(0.0, slack_s - COST_MARGIN * _seconds(windows[-1], vocoder)) + (
+        PREBUFFER_FRAMES * SECONDS_PER_FRAME if slack_s <= 0 else 0.0
+    )
+    while not windows[-1].last:
+        slack_s += (windows[-1].end - windows[-1].start) * SECONDS_PER_FRAME
+        windows.append(next_window(span, windows[-1].end, slack_s, vocoder))
+        slack_s = max(0.0, slack_s - COST_MARGIN * _seconds(windows[-1], vocoder))
+    return windows
+
+
+def _seconds(window: Window, vocoder: VocoderCost) -> float:
+    return vocoder.seconds(window.render_end - window.render_start)
 
 
 class Stitcher:
