@@ -62,6 +62,9 @@ class LimitsSection:
     # The kernel's send buffer per client socket: Linux would otherwise grow it to ~4 MiB for a reader
     # that stalls, on top of speakd's own buffer.
     socket_send_buffer_bytes: int = 256 * 1024
+    # A new context is refused (`overloaded`, with a retry hint) when the streams playing would use
+    # more than this share of the real-time capacity measured lately; 0 admits every one.
+    admission_headroom: float = 0.85
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ _RULES: dict[str, _Rule] = {
     "server.shutdown_grace_s": (_non_negative, "at least 0"),
     "server.log_level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(map(repr, LOG_LEVELS))}"),
     **{f"limits.{key}": _POSITIVE for key in _KEY_TYPES["limits"]},
+    "limits.admission_headroom": (lambda v: 0 <= v <= 4, "between 0 (admit every stream) and 4"),
     "model.engine": (lambda v: v in ENGINES, f"one of {', '.join(map(repr, sorted(ENGINES)))}"),
     "model.device": (
         lambda v: DEVICE_PATTERN.fullmatch(v) is not None,

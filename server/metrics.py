@@ -334,6 +334,14 @@ class SpeakdMetrics:
                 "the last 10 s (1 = saturated). Autoscale on it.",
             )
         )
+        self.capacity_streams = registry.register(
+            Gauge(
+                "speakd_capacity_streams",
+                "Real-time streams this box keeps up with, measured from its recent work (compute "
+                "seconds per second of audio); 0 until measured. New contexts are refused beyond "
+                "limits.admission_headroom of it.",
+            )
+        )
         self.ready = registry.register(
             Gauge("speakd_ready", "1 once the model is loaded and serving, else 0.")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -316,3 +317,41 @@ async def test_shutdown_does_not_wait_out_the_grace_when_the_client_leaves() -> 
         session.close()
         await asyncio.wait_for(stopping, 10)  # far below the 600 s grace
         engine.gate.set()
+
+
+class SlowEngine(FakeEngine):
+    """A vocoder that takes half a second per second of audio: this box keeps two streams real time."""
+
+    def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
+        time.sleep(0.5 * sum(f.frames for f in batch) * 600 / 24000)
+        return super().vocode(batch)
+
+
+async def test_a_stream_beyond_the_measured_capacity_is_refused_with_a_retry_hint() -> None:
+    async with running_core({"limits.admission_headroom": 0.85}, engine=SlowEngine(frames=40)) as core:
+        first = core.admit(stream_for(core))
+        playing = open_pcm(first, "playing")
+        playing.feed(" ".join(f"Sentence number {i} is here." for i in range(12)))
+        await wait_until(lambda: core.pipeline.capacity.streams() is not None)
+        streams = core.pipeline.capacity.streams()
+        assert streams is not None and 1.0 < streams < 2.0  # 0.5 s of vocoding per second, plus the rest
+        assert playing.active
+
+        second = core.admit(stream_for(core))
+        with pytest.raises(RequestRefused) as refused:
+            open_pcm(second, "one-too-many")
+        assert refused.value.code is ErrorCode.OVERLOADED
+        assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+        assert "retry in" in refused.value.message and len(second) == 0
+
+        playing.cancel()  # its work leaves every stage, and its listener has nothing more to play
+        assert not playing.active
+        open_pcm(second, "now-there-is-room")
+
+
+async def test_admission_headroom_zero_admits_every_stream() -> None:
+    async with running_core({"limits.admission_headroom": 0}, engine=SlowEngine(frames=40)) as core:
+        first = core.admit(stream_for(core))
+        open_pcm(first, "playing").feed(" ".join(f"Sentence number {i} is here." for i in range(12)))
+        await wait_until(lambda: core.pipeline.capacity.streams() is not None)
+        open_pcm(core.admit(stream_for(core)), "also-playing")

@@ -253,6 +253,7 @@ def test_speakd_metrics_families_and_types() -> None:
         "speakd_audio_seconds_total": "counter",
         "speakd_segments_total": "counter",
         "speakd_load": "gauge",
+        "speakd_capacity_streams": "gauge",
         "speakd_ready": "gauge",
     }
     samples = [line for line in text.splitlines() if not line.startswith("#")]

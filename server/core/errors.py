@@ -9,11 +9,14 @@ from speakd.server.errors import SpeakdError
 class RequestRefused(SpeakdError):
     """A request the core will not carry out (bad voice, too much text, too many utterances, ...)."""
 
-    def __init__(self, code: ErrorCode, message: str, context: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, context: str | None = None, *, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.context = context
+        self.retry_after_s = retry_after_s  # for refusals that a later retry may not get (overloaded)
 
 
 class Busy(SpeakdError):

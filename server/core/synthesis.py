@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator
 
 from speakd.protocol import DoneReason, ErrorCode
@@ -103,6 +104,26 @@ class SynthesisCore:
             )
         return lang
 
+    def check_capacity(self, context: str | None = None) -> None:
+        """Refuse a new utterance, with a retry hint, when the streams playing now already use the
+        share of the box's measured real-time capacity that `limits.admission_headroom` allows: one
+        more would make every listener stall. At least one stream is always admitted."""
+        headroom = self.config.limits.admission_headroom
+        capacity = self.pipeline.capacity.streams()
+        if headroom <= 0 or capacity is None:
+            return
+        active = [u for session in self._sessions for u in session if u.active]
+        if not active or len(active) + 1 <= capacity * headroom:
+            return
+        retry_s = max(1, math.ceil(min(u.audio_in_hand_s for u in active)))
+        raise RequestRefused(
+            ErrorCode.OVERLOADED,
+            f"the daemon is at capacity: {len(active)} streams are playing and this machine keeps "
+            f"about {capacity:.1f} going in real time (measured); retry in {retry_s} s",
+            context,
+            retry_after_s=retry_s,
+        )
+
     async def shutdown(self, grace_s: float) -> None:
         """Daemon stop: no new sessions; open utterances get `grace_s` to finish, then are cut off."""
         self.closing = True
@@ -164,6 +185,7 @@ class Session:
         low, high = SPEED_RANGE
         if not low <= speed <= high:
             raise RequestRefused(ErrorCode.INVALID_PARAM, f"speed must be between {low} and {high}", name)
+        self._core.check_capacity(name)
         config = self._core.config
         utterance = Utterance(
             name=name,

@@ -71,6 +71,17 @@ class Utterance:
         return self.samples * 1000.0 / self.sample_rate
 
     @property
+    def active(self) -> bool:
+        """Whether this utterance is a real-time stream now: work of its is in the pipeline, or its
+        listener still has audio to play."""
+        return not self.closed and self._pipeline.active(self._job)
+
+    @property
+    def audio_in_hand_s(self) -> float:
+        """Seconds of audio its listener has left to play, by the playback clock."""
+        return self._job.playback.slack()
+
+    @property
     def held_chars(self) -> int:
         """Text taken but not yet through the first stage: what counts against the text budget."""
         return self._segmenter.buffered_chars + self._job.pending_chars

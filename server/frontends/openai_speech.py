@@ -223,6 +223,11 @@ def _shutting_down(message: str) -> ApiError:
 def _refused(exc: RequestRefused) -> ApiError:
     if exc.code is ErrorCode.SHUTTING_DOWN:
         return _shutting_down(exc.message)
+    if exc.code is ErrorCode.OVERLOADED:
+        # At measured capacity: a balancer or the SDK's retries try again later or elsewhere.
+        return ApiError(
+            503, exc.message, type_="server_error", code="overloaded", retry_after_s=exc.retry_after_s or 1
+        )
     return ApiError(400, exc.message, code=exc.code.value)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from speakd.server.errors import SynthesisError
 from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.capacity import CapacityMeter
 from speakd.server.pipeline.fair_queue import BatchLimits, FairQueue
 from speakd.server.pipeline.job import EncodedSegment, EndMarker, Job, TextItem, WaveformItem
 from speakd.server.pipeline.stage import Item, Stage, StageSpec
@@ -65,6 +66,7 @@ class Pipeline:
             raise ValueError("an engine must supply at least one stage")
         self._metrics = metrics
         self._sample_rate = sample_rate
+        self.capacity = CapacityMeter()
         # Text waiting for the first stage is bounded per job by the utterance's text budget; the
         # other queues hold at most `lane_limit` items per job (a few more where one item expands).
         inboxes: list[FairQueue[Any]] = [FairQueue(None, deadline=_deadline)]
@@ -99,6 +101,7 @@ class Pipeline:
         )
         self._tasks: list[asyncio.Task[None]] = []
         metrics.load.set_function(self.load)
+        metrics.capacity_streams.set_function(lambda: min(self.capacity.streams() or 0.0, 1e6))
 
     def _stage(
         self,
@@ -125,6 +128,7 @@ class Pipeline:
             on_failure=self._fail,
             finish=finish,
             workers=workers,
+            on_computed=self.capacity.computed,
         )
 
     @property
@@ -213,7 +217,9 @@ class Pipeline:
     def _produced(self, item: WaveformItem | EndMarker) -> None:
         """The engine's last stage made audio: the listener's clock moves on, then it is encoded."""
         if isinstance(item, WaveformItem):
-            item.job.playback.produced(len(item.audio) / self._sample_rate)
+            seconds = len(item.audio) / self._sample_rate
+            item.job.playback.produced(seconds)
+            self.capacity.produced(seconds)
         self._encoder_inbox.put_nowait(item.job, item, urgent=_is_urgent(item))
 
     @staticmethod

@@ -88,7 +88,9 @@ class Stage(Generic[In, Out]):
         on_failure: Callable[[Job, SynthesisError], None],
         finish: Callable[[EndMarker], EndMarker] | None = None,
         workers: int = 1,
+        on_computed: Callable[[float, int], None] | None = None,
     ) -> None:
+        """`on_computed(seconds, workers)` hears of every batch computed (the capacity meter)."""
         # A worker lingering for batch-mates holds items its job is not yet marked busy with, so
         # another worker could take that job's next item: lingering needs a single worker.
         assert workers == 1 or limits.linger_s == 0, "a stage with several workers cannot linger"
@@ -103,6 +105,7 @@ class Stage(Generic[In, Out]):
         self._metrics = metrics
         self._on_failure = on_failure
         self._finish = finish
+        self._on_computed = on_computed
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"speakd-{name}")
         self.busy = BusyMeter(workers)
 
@@ -179,7 +182,10 @@ class Stage(Generic[In, Out]):
                 outputs.extend(await self._compute(loop, [item]))
             return outputs
         self.busy.stop(token)
-        self._metrics.stage_seconds.labels(stage=self.name).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._metrics.stage_seconds.labels(stage=self.name).observe(elapsed)
+        if self._on_computed is not None:
+            self._on_computed(elapsed, self.workers)
         self._metrics.batch_items.labels(stage=self.name).observe(len(work))
         return outputs
 
