@@ -330,8 +330,8 @@ class SpeakdMetrics:
         self.load = registry.register(
             Gauge(
                 "speakd_load",
-                "Share of real-time synthesis capacity in use: the busiest stage's busy fraction over "
-                "the last 10 s (1 = saturated). Autoscale on it.",
+                "Share of real-time synthesis capacity in use: streams playing over the streams this "
+                "box keeps up with, as measured (1 = full; above it listeners stall). Autoscale on it.",
             )
         )
         self.capacity_streams = registry.register(

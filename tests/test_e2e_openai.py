@@ -207,8 +207,6 @@ def test_unknown_fields_from_other_clients_are_ignored(daemon: Daemon) -> None:
         extra_body={"stream": True, "lang_code": "a", "normalization_options": {}},
     )
     assert_says(decode(speech.content, "pcm"), "Open the crate but don't break the glass.")
-    # The load signal saw that work: a stage was busy within the last 10 s, and never over capacity.
-    assert 0 < gauge(daemon, "speakd_load") <= 1
 
 
 # -- errors, as the SDK's typed exceptions -------------------------------------------------------------
@@ -280,6 +278,8 @@ def test_a_reader_that_hangs_up_mid_stream_leaves_no_work_behind(daemon: Daemon)
         pieces = response.iter_bytes()  # kept: a dropped generator closes the response
         assert next(pieces)
         assert gauge(daemon, "speakd_contexts") == 1
+        # The load signal sees the stream: one of the few this box keeps real time.
+        assert 0 < gauge(daemon, "speakd_load") <= 1
     wait_for_idle(daemon)
     # and the daemon still serves
     speech = sdk(daemon).audio.speech.create(

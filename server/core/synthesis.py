@@ -43,6 +43,7 @@ class SynthesisCore:
         self.metrics = metrics
         self._sessions: set[Session] = set()
         self.closing = False
+        metrics.load.set_function(self.load)
 
     @property
     def default_voice(self) -> str:
@@ -104,6 +105,19 @@ class SynthesisCore:
             )
         return lang
 
+    def active_streams(self) -> int:
+        """Utterances that are real-time streams now (work in the pipeline, or audio left to play)."""
+        return sum(1 for session in self._sessions for u in session if u.active)
+
+    def load(self) -> float:
+        """The share of real-time synthesis capacity in use (`speakd_load`): streams playing over
+        the streams this box keeps up with, as measured; above 1, listeners stall. Until the
+        capacity is measured, the busiest stage's busy fraction stands in."""
+        capacity = self.pipeline.capacity.streams()
+        if capacity is None:
+            return self.pipeline.load()
+        return self.active_streams() / capacity
+
     def check_capacity(self, context: str | None = None) -> None:
         """Refuse a new utterance, with a retry hint, when the streams playing now already use the
         share of the box's measured real-time capacity that `limits.admission_headroom` allows: one
@@ -116,9 +130,10 @@ class SynthesisCore:
         if not active or len(active) + 1 <= capacity * headroom:
             return
         retry_s = max(1, math.ceil(min(u.audio_in_hand_s for u in active)))
+        playing = "1 stream is" if len(active) == 1 else f"{len(active)} streams are"
         raise RequestRefused(
             ErrorCode.OVERLOADED,
-            f"the daemon is at capacity: {len(active)} streams are playing and this machine keeps "
+            f"the daemon is at capacity: {playing} playing and this machine keeps "
             f"about {capacity:.1f} going in real time (measured); retry in {retry_s} s",
             context,
             retry_after_s=retry_s,

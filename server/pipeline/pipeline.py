@@ -100,7 +100,7 @@ class Pipeline:
             )
         )
         self._tasks: list[asyncio.Task[None]] = []
-        metrics.load.set_function(self.load)
+        metrics.load.set_function(self.load)  # until a core, which knows the streams, takes it over
         metrics.capacity_streams.set_function(lambda: min(self.capacity.streams() or 0.0, 1e6))
 
     def _stage(
@@ -188,8 +188,9 @@ class Pipeline:
         }
 
     def load(self) -> float:
-        """The busiest stage's busy fraction over the last seconds: the share of real-time synthesis
-        capacity in use (0 idle, 1 saturated: new work waits)."""
+        """The busiest stage's busy fraction over the last seconds (0 idle, 1 saturated: new work
+        waits). One stream alone keeps a stage busy while it renders ahead, so this says whether
+        work waits, not how many more streams fit (see `SynthesisCore.load`)."""
         return max(stage.busy.fraction() for stage in self._stages)
 
     def active(self, job: Job) -> bool:

@@ -16,7 +16,14 @@ from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticReques
 from speakd.server.engines.kokoro.g2p import EnglishG2P
 from speakd.server.engines.kokoro.vocoder_speed import VocoderCost, VocoderSpeed
 from speakd.server.engines.kokoro.voices import VoiceBank
-from speakd.server.engines.kokoro.windows import CONTEXT_FRAMES, Span, Stitcher, next_window, segment_span
+from speakd.server.engines.kokoro.windows import (
+    CONTEXT_FRAMES,
+    MAX_WINDOWS,
+    Span,
+    Stitcher,
+    next_window,
+    segment_span,
+)
 from speakd.server.pipeline.job import EndMarker, Job, TextItem, WaveformItem
 from speakd.server.pipeline.stage import Again, StageSpec
 
@@ -46,6 +53,7 @@ class FeaturesItem:
     span: Span
     position: int
     stitcher: Stitcher
+    windows_done: int = 0
 
 
 def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
@@ -99,9 +107,19 @@ class KokoroStages:
         return out
 
     def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem | Again]:
-        # Each segment's next window is planned now, from the time its listener has left.
+        # Each segment's next window is planned now, from the time its listener has left; a segment
+        # already cut MAX_WINDOWS - 1 times is finished whole (an overloaded box would otherwise cut
+        # ever smaller windows, each re-rendering its context: more work, when there is least time).
         cost = self._vocoder_speed.cost
-        windows = [next_window(item.span, item.position, item.job.playback.slack(), cost) for item in items]
+        windows = [
+            next_window(
+                item.span,
+                item.position,
+                math.inf if item.windows_done >= MAX_WINDOWS - 1 else item.job.playback.slack(),
+                cost,
+            )
+            for item in items
+        ]
         started = time.perf_counter()
         rendered = self._engine.vocode(
             [w.slice(item.features) for item, w in zip(items, windows, strict=True)]
@@ -116,5 +134,6 @@ class KokoroStages:
             )
             if not window.last:
                 item.position = window.end
+                item.windows_done += 1
                 out.append(Again(item))
         return out
