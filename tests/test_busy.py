@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from fake_clock import Clock
 
 from speakd.server.pipeline.busy import BusyMeter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_idle_is_zero_and_a_stage_busy_all_the_time_is_one() -> None:

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import math
 
+from fake_clock import Clock
+
 from speakd.server.pipeline.capacity import HALF_LIFE_S, MIN_AUDIO_S, CapacityMeter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_unknown_until_enough_audio_was_measured() -> None:

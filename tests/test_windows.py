@@ -20,6 +20,7 @@ from speakd.server.engines.kokoro.windows import (
     PREBUFFER_FRAMES,
     RIGHT_CONTEXT_FRAMES,
     SECONDS_PER_FRAME,
+    SPLIT_GAIN,
     TAIL_KEEP_FRAMES,
     Stitcher,
     Window,
@@ -108,7 +109,7 @@ def test_a_waiting_listener_gets_a_short_first_window_and_the_rest_keeps_up(
     first = windows[0]
     assert first.render_start == first.start - LEAD_CONTEXT_FRAMES  # the trimmed lead-in is context
     whole_render = cost.seconds(frames - first.start + CONTEXT_FRAMES)
-    assert cost.seconds(first.render_end - first.render_start) < 0.6 * whole_render
+    assert cost.seconds(first.render_end - first.render_start) < SPLIT_GAIN * whole_render
     assert len(windows) <= MAX_WINDOWS
     # Each later window renders (with the margin) before the audio before it has played out, counting
     # the client's pre-buffer: the listener never waits again.

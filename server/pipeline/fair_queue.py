@@ -72,23 +72,23 @@ class FairQueue(Generic[T]):
 
     def put_nowait(self, owner: Hashable, item: T, *, urgent: bool = False) -> None:
         """Append; never waits. Callers check `has_room` first (one item may expand into a few)."""
-        lane = self._lanes.get(owner)
-        if lane is None:
-            lane = self._lanes[owner] = deque()
-            self._turns.append(owner)
-        lane.append((item, urgent))
+        self._lane(owner).append((item, urgent))
         self._size += 1
         self.poke()
 
     def put_front(self, owner: Hashable, item: T) -> None:
         """Put `item` back at the head of `owner`'s lane (the rest of what it was taken for)."""
+        self._lane(owner).appendleft((item, False))
+        self._size += 1
+        self.poke()
+
+    def _lane(self, owner: Hashable) -> deque[tuple[T, bool]]:
+        """`owner`'s lane, opened (and given the last turn) if it has none."""
         lane = self._lanes.get(owner)
         if lane is None:
             lane = self._lanes[owner] = deque()
             self._turns.append(owner)
-        lane.appendleft((item, False))
-        self._size += 1
-        self.poke()
+        return lane
 
     async def get_batch(
         self, limits: BatchLimits | int, eligible: Callable[[Hashable], bool] | None = None
