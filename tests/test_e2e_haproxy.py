@@ -104,7 +104,10 @@ def cluster(model_cache: Path) -> Iterator[Cluster]:
         try:
             for i in range(3):
                 (root / f"d{i}").mkdir()
-                daemons.append(Daemon(root / f"d{i}", model_cache, "[server]\nshutdown_grace_s = 60.0\n"))
+                # Three daemons share two cores here: admission by measured capacity would refuse
+                # the streams that the drain test keeps open together (admission has its own test).
+                config = "[server]\nshutdown_grace_s = 60.0\n[limits]\nadmission_headroom = 0\n"
+                daemons.append(Daemon(root / f"d{i}", model_cache, config))
             for d in daemons:
                 d.wait_ready()
             port = free_port()

@@ -65,6 +65,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Itera
     config = f"""
 [limits]
 max_connections = 3
+# Streams through both doors at once on purpose (fairness); admission has its own test.
+admission_headroom = 0
 
 [auth]
 token_file = "{tokens}"
