@@ -175,7 +175,7 @@ class Connection:
                 logger.debug("ignoring %r for context %r", msg.type, msg.context)
                 continue
             if isinstance(msg, Error):
-                raise ServerError(msg.code, msg.message)
+                raise ServerError(msg.code, msg.message, msg.retry_after_ms)
             return msg
 
     async def _receive_any(self) -> ServerMessage:

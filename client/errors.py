@@ -25,13 +25,15 @@ class StreamError(SpeakdClientError):
 
 
 class ServerError(SpeakdClientError):
-    """The server sent an `error` for our context or for the whole connection."""
+    """The server sent an `error` for our context or for the whole connection. `retry_after_ms` is
+    the server's hint (`overloaded`): how long to wait before trying again; None without one."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int | None = None) -> None:
         # Passing every constructor argument to Exception keeps the error picklable.
-        super().__init__(code, message)
+        super().__init__(code, message, retry_after_ms)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
     def __str__(self) -> str:
         return f"server error {self.code.value}: {self.message}"

@@ -183,6 +183,7 @@ def _error(f: Fields) -> Error:
         context=f.optional_context(),
         code=f.choice("code", ErrorCode),
         message=f.string("message"),
+        retry_after_ms=f.optional_integer("retry_after_ms"),
     )
 
 

@@ -118,6 +118,12 @@ class Fields:
             raise self._invalid(name, f"must be at least {minimum}, got {value}")
         return value
 
+    def optional_integer(self, name: str, *, minimum: int = 0) -> int | None:
+        """An int at least `minimum` that may be nil or absent (both meaning None)."""
+        if self._raw.get(name) is None:
+            return None
+        return self.integer(name, minimum=minimum)
+
     def number(
         self,
         name: str,

@@ -150,12 +150,14 @@ class Done:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
-    """Reports a `ProtocolError`; `context` is None when the error concerns no readable context."""
+    """Reports a `ProtocolError`; `context` is None when the error concerns no readable context.
+    `retry_after_ms` is set when trying again later may succeed (`overloaded` at capacity)."""
 
     type: ClassVar[str] = "error"
     context: str | None = None
     code: ErrorCode
     message: str
+    retry_after_ms: int | None = None
 
 
 ClientMessage: TypeAlias = Start | Text | Flush | End | Cancel

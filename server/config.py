@@ -31,6 +31,8 @@ ENGINES = frozenset({"onnx", "torch", "auto"})
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # model.precision: the torch engine's vocoder in fp32, or under bf16/fp16 autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")
+# limits.admission: what a context beyond the measured capacity gets (see server/core/admission.py).
+ADMISSION_MODES = ("refuse", "queue")
 OPUS_MIN_BITRATE = 6000
 OPUS_MAX_BITRATE = 510000
 # Values in error messages are shortened, but not so much that a path (model.dir) loses its middle.
@@ -65,6 +67,12 @@ class LimitsSection:
     # A new context is refused (`overloaded`, with a retry hint) when the streams playing would use
     # more than this share of the real-time capacity measured lately; 0 admits every one.
     admission_headroom: float = 0.85
+    # What happens to that context: "refuse" answers at once; "queue" opens it and holds its text until
+    # a place frees up (first come, first served), refusing it after admission_queue_timeout_s, or at
+    # once when admission_queue_max contexts are already waiting.
+    admission: str = "refuse"
+    admission_queue_timeout_s: float = 30.0
+    admission_queue_max: int = 16
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,7 @@ _RULES: dict[str, _Rule] = {
     "server.log_level": (lambda v: v in LOG_LEVELS, f"one of {', '.join(map(repr, LOG_LEVELS))}"),
     **{f"limits.{key}": _POSITIVE for key in _KEY_TYPES["limits"]},
     "limits.admission_headroom": (lambda v: 0 <= v <= 4, "between 0 (admit every stream) and 4"),
+    "limits.admission": (lambda v: v in ADMISSION_MODES, f"one of {', '.join(map(repr, ADMISSION_MODES))}"),
     "model.engine": (lambda v: v in ENGINES, f"one of {', '.join(map(repr, sorted(ENGINES)))}"),
     "model.device": (
         lambda v: DEVICE_PATTERN.fullmatch(v) is not None,

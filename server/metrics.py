@@ -338,8 +338,14 @@ class SpeakdMetrics:
             Gauge(
                 "speakd_capacity_streams",
                 "Real-time streams this box keeps up with, measured from its recent work (compute "
-                "seconds per second of audio); 0 until measured. New contexts are refused beyond "
-                "limits.admission_headroom of it.",
+                "seconds per second of audio); 0 until measured. New contexts are refused (or queued, "
+                "limits.admission) beyond limits.admission_headroom of it.",
+            )
+        )
+        self.admission_queued = registry.register(
+            Gauge(
+                "speakd_admission_queued",
+                'Contexts waiting for a place at measured capacity (limits.admission = "queue").',
             )
         )
         self.ready = registry.register(

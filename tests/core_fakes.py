@@ -7,6 +7,7 @@ the model is a stand-in: every segment is `frames` acoustic frames (600 samples 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,6 +57,18 @@ class FakeEngine:
 
     def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
         return [np.full(f.frames * SAMPLES_PER_FRAME, 0.1, np.float32) for f in batch]
+
+
+class GatedEngine(FakeEngine):
+    """Holds every vocoder call until `gate` opens: work piles up behind it."""
+
+    def __init__(self, frames: int = 4) -> None:
+        super().__init__(frames)
+        self.gate = threading.Event()
+
+    def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
+        assert self.gate.wait(10), "test left the vocoder gate closed"
+        return super().vocode(batch)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The client connection against scripted servers: what it sends, what it yields, what it raises."""
 
+import pickle
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -156,6 +157,24 @@ async def test_a_rejected_start_raises_server_error() -> None:
             await conn.start(voice="zz")
         assert info.value.code is ErrorCode.UNKNOWN_VOICE
         assert [msg async for msg in conn] == []  # no context was opened
+        assert info.value.retry_after_ms is None
+
+
+async def test_an_overloaded_start_carries_the_servers_retry_hint() -> None:
+    async def script(ws: ServerConnection, received: list[ClientMessage]) -> None:
+        await receive(ws, received)
+        refusal = Error(
+            context="default", code=ErrorCode.OVERLOADED, message="retry in 3 s", retry_after_ms=3000
+        )
+        await send(ws, refusal)
+        await ws.wait_closed()
+
+    async with scripted_server(script) as (url, _), await Connection.open(url) as conn:
+        with pytest.raises(ServerError) as info:
+            await conn.start()
+        assert info.value.code is ErrorCode.OVERLOADED and info.value.retry_after_ms == 3000
+        copy = pickle.loads(pickle.dumps(info.value))
+        assert (copy.code, copy.message, copy.retry_after_ms) == (ErrorCode.OVERLOADED, "retry in 3 s", 3000)
 
 
 async def test_cancel_is_sent_for_our_context() -> None:

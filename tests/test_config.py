@@ -58,6 +58,8 @@ def test_defaults_without_file() -> None:
         max_outbound_bytes=4 * 1024 * 1024,
         send_timeout_s=10.0,
     )
+    assert (config.limits.admission, config.limits.admission_queue_timeout_s) == ("refuse", 30.0)
+    assert config.limits.admission_queue_max == 16
     assert config.model == ModelSection(
         engine="onnx", device="auto", dir="", cache_dir="", default_voice="jf_gongitsune", threads=0
     )
@@ -246,6 +248,30 @@ def test_wrong_type_names_key_and_expected_type(key: str, value: object, expecte
     assert error_of(overrides={key: value}) == f"{key} must be {expected}"
 
 
+def test_admission_modes_from_a_file_and_their_wrong_types(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[limits]\nadmission = "queue"\nadmission_queue_timeout_s = 5\nadmission_queue_max = 2\n'
+    )
+    limits = load_config(path).limits
+    assert (limits.admission, limits.admission_queue_timeout_s, limits.admission_queue_max) == (
+        "queue",
+        5.0,
+        2,
+    )
+    assert error_of(overrides={"limits.admission": "later"}) == (
+        "limits.admission must be one of 'refuse', 'queue', got 'later'"
+    )
+    assert (
+        error_of(overrides={"limits.admission": True}) == "limits.admission must be a string, got bool True"
+    )
+    assert error_of(overrides={"limits.admission_queue_max": 2.5}).startswith(
+        "limits.admission_queue_max must be an integer"
+    )
+    assert error_of(overrides={"limits.admission_queue_timeout_s": 0}) == (
+        "limits.admission_queue_timeout_s must be greater than 0, got 0.0"
+    )
+
+
 def test_bool_in_file_is_not_an_int(tmp_path: Path) -> None:
     path = write(tmp_path, "[audio]\nopus_complexity = true\n")
     assert error_of(path) == f"{path}: audio.opus_complexity must be an integer, got bool True"
@@ -271,6 +297,12 @@ def test_int_accepted_for_float_override() -> None:
         ("limits.idle_timeout_s", 0.0, 0.1),
         ("limits.max_outbound_bytes", 0, 1),
         ("limits.send_timeout_s", -1.0, 0.5),
+        ("limits.admission", "wait", "queue"),
+        ("limits.admission", "Queue", "refuse"),
+        ("limits.admission_queue_timeout_s", 0.0, 0.5),
+        ("limits.admission_queue_timeout_s", -1.0, 120.0),
+        ("limits.admission_queue_max", 0, 1),
+        ("limits.admission_queue_max", -3, 1000),
         ("model.engine", "tensorrt", "torch"),
         ("model.default_voice", "", "af_heart"),
         ("model.threads", -1, 0),

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from core_fakes import VOICE, FakeBackend, FakeEngine, fake_voices
 
 from speakd.protocol import (
     TEXT_FRAME_MESSAGE,
@@ -50,10 +51,10 @@ from speakd.server.core.utterance import Utterance
 from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest
 from speakd.server.frontends.websocket import Connection
 from speakd.server.metrics import SpeakdMetrics
+from speakd.server.pipeline.capacity import CapacityMeter
 from speakd.server.pipeline.job import AudioEncoder, Job
 from speakd.server.pipeline.pipeline import Pipeline
 from speakd.server.pipeline.stage import StageSpec
-from tests.core_fakes import VOICE, FakeBackend, FakeEngine, fake_voices
 
 
 def pcm_start(context: str) -> Start:
@@ -451,6 +452,86 @@ async def test_the_connection_limit_is_counted_at_admission(server: Server) -> N
     second.close()
     third.close()
     assert core.sessions == 0 and server.metrics.connections.value == 0.0
+
+
+async def playing_client(server: Server, core: SynthesisCore) -> Client:
+    """A connection whose context "long" has work held in the model: a stream playing."""
+    server.engine.hold()
+    client = server.connect(core=core)
+    client.send(pcm_start("long"))
+    client.send(Text(context="long", text="A sentence the model is slow to say. "))
+    await wait_until(server.engine.holding.is_set)
+    assert isinstance(await client.recv(), Started)
+    return client
+
+
+async def test_a_refused_start_carries_retry_after_ms(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(CapacityMeter, "streams", lambda self: 1.5)  # room for one stream
+    core = server.core({"limits.admission_headroom": 1.0})
+    playing = await playing_client(server, core)
+    late = server.connect(core=core)
+    late.send(pcm_start("late"))
+    error = await late.expect_error(ErrorCode.OVERLOADED, "late")
+    assert (
+        error.retry_after_ms is not None and error.retry_after_ms >= 1000 and error.retry_after_ms % 1000 == 0
+    )
+    assert not late.conn.open_contexts
+    playing.send(Cancel(context="long"))
+    server.engine.release()
+
+
+async def test_in_queue_mode_a_start_is_answered_at_once_and_its_text_spoken_once_admitted(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(CapacityMeter, "streams", lambda self: 1.5)
+    core = server.core({"limits.admission_headroom": 1.0, "limits.admission": "queue"})
+    playing = await playing_client(server, core)
+    late = server.connect(core=core)
+    late.send(pcm_start("late"))
+    late.send(Text(context="late", text="Queued words. "))
+    late.send(End(context="late"))
+    started = await late.recv()
+    assert isinstance(started, Started) and started.context == "late"
+    await wait_until(lambda: core.admission.queued == 1)
+    assert late.conn.open_contexts == ["late"] and len(late.ws.received) == 1
+    assert all(job.context != "late" for job in server.pipeline.jobs)  # nothing reached the pipeline
+
+    playing.send(Cancel(context="long"))
+    server.engine.release()
+    got: list[ServerMessage] = []
+    while not isinstance(msg := await late.recv(), Done):
+        got.append(msg)
+    assert msg.reason is DoneReason.END
+    assert [m.text for m in got if isinstance(m, Segment)] == ["Queued words."]
+    assert not [m for m in got if isinstance(m, Error)]
+
+
+async def test_in_queue_mode_a_start_that_waits_too_long_ends_overloaded_with_retry_after_ms(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(CapacityMeter, "streams", lambda self: 1.5)
+    overrides = {
+        "limits.admission_headroom": 1.0,
+        "limits.admission": "queue",
+        "limits.admission_queue_timeout_s": 0.2,
+    }
+    core = server.core(overrides)
+    playing = await playing_client(server, core)
+    late = server.connect(core=core)
+    late.send(pcm_start("late"))
+    late.send(Text(context="late", text="Never spoken. "))
+    assert isinstance(await late.recv(), Started)
+    error = await late.expect_error(ErrorCode.OVERLOADED, "late")
+    assert error.retry_after_ms is not None and error.retry_after_ms >= 1000
+    assert "retry in" in error.message
+    done = await late.recv()
+    assert isinstance(done, Done) and (done.context, done.reason) == ("late", DoneReason.ERROR)
+    assert done.audio_ms == 0.0 and not late.conn.open_contexts
+    playing.send(Cancel(context="long"))
+    server.engine.release()
+    await assert_still_serves(late, "after")  # the refusal cost that context, not its connection
 
 
 async def test_shutdown_ends_early_when_the_client_leaves(server: Server) -> None:

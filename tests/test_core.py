@@ -8,14 +8,13 @@ The core runs the real pipeline on a fake model (tests/core_fakes.py); its sink 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from core_fakes import VOICE, FakeEngine, running_core
+from core_fakes import VOICE, FakeEngine, GatedEngine, running_core
 
 from speakd.protocol import DoneReason, ErrorCode
 from speakd.server.audio.encoders import Pcm16FrameEncoder
@@ -25,20 +24,9 @@ from speakd.server.core.events import AudioChunk, Event, Failed, Finished, Segme
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 from speakd.server.engines.kokoro.engine import AcousticFeatures
+from speakd.server.pipeline.capacity import CapacityMeter
 
 FRAME_BYTES = 960  # 20 ms of PCM16 at 24 kHz
-
-
-class GatedEngine(FakeEngine):
-    """Holds every vocoder call until `gate` opens: work piles up behind it."""
-
-    def __init__(self, frames: int = 4) -> None:
-        super().__init__(frames)
-        self.gate = threading.Event()
-
-    def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
-        assert self.gate.wait(10), "test left the vocoder gate closed"
-        return super().vocode(batch)
 
 
 def open_pcm(session: Session, name: str = "u", voice: str | None = None, lang: str = "en-us") -> Utterance:
@@ -355,3 +343,191 @@ async def test_admission_headroom_zero_admits_every_stream() -> None:
         open_pcm(first, "playing").feed(" ".join(f"Sentence number {i} is here." for i in range(12)))
         await wait_until(lambda: core.pipeline.capacity.streams() is not None)
         open_pcm(core.admit(stream_for(core)), "also-playing")
+
+
+# -- admission: queue mode ---------------------------------------------------------------------------
+
+QUEUE = {"limits.admission": "queue", "limits.admission_headroom": 1.0}
+
+
+@pytest.fixture
+def room_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A box measured to keep 1.5 streams real time: one plays, a second would be one too many."""
+    monkeypatch.setattr(CapacityMeter, "streams", lambda self: 1.5)
+
+
+def admission_tasks() -> list[asyncio.Task[object]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == "speakd-admission" and not task.done()]
+
+
+async def playing_stream(core: SynthesisCore, name: str = "playing") -> tuple[Session, Utterance]:
+    """An utterance whose work sits in the pipeline (behind a held vocoder): a stream playing."""
+    session = core.admit(stream_for(core))
+    utterance = open_pcm(session, name)
+    utterance.feed("Held in the vocoder for now. ")
+    await wait_until(lambda: utterance.active)
+    return session, utterance
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_queued_context_takes_its_text_and_speaks_it_once_a_place_frees() -> None:
+    engine = GatedEngine()
+    overrides = {**QUEUE, "limits.max_buffered_text_chars": 60}
+    async with running_core(overrides, engine=engine) as core:
+        _, playing = await playing_stream(core)
+        stream = stream_for(core)
+        session = core.admit(stream)
+        waiting = open_pcm(session, "waiting")
+        assert waiting.queued and not waiting.active and len(session) == 1
+        assert core.admission.queued == 1 and core.metrics.admission_queued.value == 1.0
+        waiting.feed("First one. Second")
+        waiting.feed(" one. ")
+        with pytest.raises(RequestRefused) as refused:  # held text counts against the text budget
+            waiting.feed("x" * 50)
+        assert refused.value.code is ErrorCode.TEXT_TOO_LONG
+        waiting.end()
+        await asyncio.sleep(0.3)  # a re-check or two: still no place
+        assert (
+            waiting.queued
+            and not waiting.submitted_any
+            and waiting.held_chars == len("First one.Second one.")
+        )
+
+        playing.cancel()  # its place frees at once: the waiter is let in without waiting for a re-check
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.queued
+        engine.gate.set()
+        events = await collect(stream)
+        assert segments(events) == ["First one.", "Second one."]
+        assert isinstance(events[-1], Finished) and events[-1].reason is DoneReason.END
+        assert core.metrics.admission_queued.value == 0.0 and not admission_tasks()
+        session.close()
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_waiters_are_let_in_first_come_first_served() -> None:
+    engine = GatedEngine()
+    async with running_core(QUEUE, engine=engine) as core:
+        _, playing = await playing_stream(core)
+        first = open_pcm(core.admit(stream_for(core)), "first")
+        first.feed("I came first. ")
+        playing.cancel()
+        # There is room now, but `first` waits for it: a newcomer queues behind, it does not jump ahead.
+        second = open_pcm(core.admit(stream_for(core)), "second")
+        assert second.queued
+        await wait_until(lambda: not first.queued)
+        await asyncio.sleep(0.3)
+        assert second.queued and first.active  # first's text is in the pipeline: it is the stream now
+        first.cancel()
+        await wait_until(lambda: not second.queued)
+        engine.gate.set()
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_place_freed_by_the_playback_clock_alone_is_found_by_the_periodic_recheck() -> None:
+    """No event marks a listener's audio running out; the queue looks again on its own."""
+    async with running_core(QUEUE, engine=FakeEngine(frames=40)) as core:  # a second of audio a segment
+        player = core.admit(stream_for(core))
+        playing = open_pcm(player, "playing")
+        playing.feed("One second of audio. ")  # no end: it stays open after its audio plays out
+        await wait_until(
+            lambda: (
+                playing.submitted_any
+                and core.pipeline.depths() == dict.fromkeys(core.pipeline.stage_names, 0)
+                and playing.audio_in_hand_s > 0.5
+            )
+        )
+        waiting = open_pcm(core.admit(stream_for(core)), "waiting")
+        assert waiting.queued and playing.active
+        await wait_until(lambda: not waiting.queued, limit_s=3.0)
+        assert not playing.closed and not playing.active
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_waiter_past_the_queue_timeout_gets_overloaded_with_a_retry_hint() -> None:
+    engine = GatedEngine()
+    async with running_core({**QUEUE, "limits.admission_queue_timeout_s": 0.2}, engine=engine) as core:
+        await playing_stream(core)
+        stream = stream_for(core)
+        session = core.admit(stream)
+        started = time.monotonic()
+        waiting = open_pcm(session, "waiting")
+        waiting.feed("Never spoken. ")
+        events = await collect(stream)
+        assert 0.2 <= time.monotonic() - started < 5.0
+        assert [type(event) for event in events] == [Failed, Finished]
+        failed, done = events
+        assert isinstance(failed, Failed) and failed.code is ErrorCode.OVERLOADED
+        assert failed.retry_after_s is not None and failed.retry_after_s >= 1 and "retry in" in failed.message
+        assert isinstance(done, Finished) and done.reason is DoneReason.ERROR
+        assert not waiting.submitted_any and len(session) == 0
+        assert core.admission.queued == 0 and core.metrics.errors.labels(code="overloaded").value == 1.0
+        await wait_until(lambda: not admission_tasks())
+        engine.gate.set()
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_full_queue_refuses_at_once_with_a_retry_hint() -> None:
+    engine = GatedEngine()
+    async with running_core({**QUEUE, "limits.admission_queue_max": 1}, engine=engine) as core:
+        await playing_stream(core)
+        assert open_pcm(core.admit(stream_for(core)), "waiting").queued
+        late = core.admit(stream_for(core))
+        with pytest.raises(RequestRefused) as refused:
+            open_pcm(late, "one-too-many")
+        assert refused.value.code is ErrorCode.OVERLOADED and refused.value.context == "one-too-many"
+        assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+        assert "1 contexts are already waiting" in refused.value.message
+        assert len(late) == 0 and core.admission.queued == 1
+        engine.gate.set()
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_cancel_and_disconnect_take_a_waiter_out_of_the_queue() -> None:
+    engine = GatedEngine()
+    async with running_core(QUEUE, engine=engine) as core:
+        _, playing = await playing_stream(core)
+        stream = stream_for(core)
+        cancelled = open_pcm(core.admit(stream), "cancelled")
+        cancelled.feed("Cancelled before its turn. ")
+        leaving = core.admit(stream_for(core))
+        left = open_pcm(leaving, "left")
+        left.feed("Its client leaves. ")
+        assert core.admission.queued == 2
+
+        cancelled.cancel()
+        events = await collect(stream)
+        assert [type(event) for event in events] == [Finished]
+        assert isinstance(events[0], Finished) and events[0].reason is DoneReason.CANCEL
+        leaving.close()
+        assert left.closed and core.admission.queued == 0
+        assert core.metrics.admission_queued.value == 0.0 and core.metrics.contexts.value == 1.0
+        await wait_until(lambda: not admission_tasks())
+
+        playing.cancel()
+        engine.gate.set()
+        await asyncio.sleep(0.1)
+        assert not cancelled.submitted_any and not left.submitted_any  # neither reached the pipeline
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_shutdown_refuses_waiters_at_once_and_leaves_no_task() -> None:
+    engine = GatedEngine()
+    async with running_core(QUEUE, engine=engine) as core:
+        player, _ = await playing_stream(core)
+        stream = stream_for(core)
+        session = core.admit(stream)
+        waiting = open_pcm(session, "waiting")
+        waiting.feed("Never spoken. ")
+        stopping = asyncio.create_task(core.shutdown(grace_s=600))
+        events = await collect(stream)
+        assert [type(event) for event in events] == [Failed, Finished]
+        failed, done = events
+        assert isinstance(failed, Failed) and failed.code is ErrorCode.SHUTTING_DOWN
+        assert isinstance(done, Finished) and done.reason is DoneReason.CANCEL
+        assert core.admission.queued == 0 and not admission_tasks()
+        player.close()
+        session.close()
+        await asyncio.wait_for(stopping, 10)
+        engine.gate.set()

@@ -254,6 +254,7 @@ def test_speakd_metrics_families_and_types() -> None:
         "speakd_segments_total": "counter",
         "speakd_load": "gauge",
         "speakd_capacity_streams": "gauge",
+        "speakd_admission_queued": "gauge",
         "speakd_ready": "gauge",
     }
     samples = [line for line in text.splitlines() if not line.startswith("#")]

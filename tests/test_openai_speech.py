@@ -1,24 +1,35 @@
-"""The OpenAI door's request validation and voice resolution, and its answers while the model loads."""
+"""The OpenAI door's request validation and voice resolution, its answers while the model loads, and a
+request that waits for admission (queue mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientTimeout, web
 from aiohttp.test_utils import TestClient, TestServer
+from core_fakes import VOICE, GatedEngine, running_core
 
 from speakd.server import app as app_module
+from speakd.server.audio.encoders import Pcm16FrameEncoder
 from speakd.server.config import load_config
+from speakd.server.core.event_stream import EventStream
+from speakd.server.core.synthesis import SynthesisCore
+from speakd.server.core.utterance import Utterance
 from speakd.server.engines.backend import SpeechBackend
+from speakd.server.frontends.keys import CONFIG, LOADER
 from speakd.server.frontends.openai_speech import (
     ApiError,
     SpeechRequest,
+    add_routes,
     parse_speech_request,
     resolve_voice,
 )
+from speakd.server.pipeline.capacity import CapacityMeter
 
 AppClient = TestClient[web.Request, web.Application]
 VOICES = ["af_alloy", "am_echo", "jf_alpha", "jf_gongitsune"]
@@ -139,3 +150,105 @@ async def test_while_loading_the_api_answers_503_with_retry_after(
     assert models.status == 200 and {"tts-1"} <= {m["id"] for m in (await models.json())["data"]}
     too_big = await client.post("/v1/audio/speech", data=b"x" * 100_000)
     assert too_big.status == 503  # loading is said first: nothing else can be done yet
+
+
+# -- admission in queue mode: the request waits for a place ------------------------------------------
+
+
+@asynccontextmanager
+async def speech_app(core: SynthesisCore) -> AsyncIterator[AppClient]:
+    """The speech door alone, on a loaded core; a client that hangs up cancels its handler, as in
+    the daemon."""
+
+    async def loaded() -> SynthesisCore:
+        return core
+
+    app = web.Application()
+    app[CONFIG] = core.config
+    app[LOADER] = asyncio.create_task(loaded())
+    await app[LOADER]
+    add_routes(app)
+    client = TestClient(TestServer(app, handler_cancellation=True))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def hold_a_stream(core: SynthesisCore) -> Utterance:
+    """A stream playing: its work sits in the pipeline behind the held vocoder."""
+    session = core.admit(EventStream(1 << 20, core.pipeline.wake))
+    utterance = session.open(
+        "playing",
+        voice=VOICE,
+        lang="en-us",
+        speed=1.0,
+        encoder=lambda: Pcm16FrameEncoder(24000, 20),
+        sample_rate=24000,
+    )
+    utterance.feed("Held in the vocoder. ")
+    for _ in range(1000):
+        if utterance.active:
+            return utterance
+        await asyncio.sleep(0.005)
+    raise AssertionError("the stream never became active")
+
+
+SPEECH = {"model": "tts-1", "voice": VOICE, "input": "Waiting for my turn.", "response_format": "pcm"}
+QUEUE = {"limits.admission": "queue", "limits.admission_headroom": 1.0}
+
+
+@pytest.fixture
+def room_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CapacityMeter, "streams", lambda self: 1.5)
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_queued_request_waits_for_a_place_then_streams_its_audio() -> None:
+    engine = GatedEngine()
+    async with running_core(QUEUE, engine=engine) as core, speech_app(core) as client:
+        playing = await hold_a_stream(core)
+        request = asyncio.create_task(client.post("/v1/audio/speech", json=SPEECH))
+        for _ in range(200):
+            if core.admission.queued:
+                break
+            await asyncio.sleep(0.005)
+        assert core.admission.queued == 1
+        await asyncio.sleep(0.2)
+        assert not request.done()
+        playing.cancel()
+        engine.gate.set()
+        response = await asyncio.wait_for(request, 10)
+        assert response.status == 200 and len(await response.read()) > 0
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_request_that_waits_too_long_gets_503_with_retry_after() -> None:
+    engine = GatedEngine()
+    async with (
+        running_core({**QUEUE, "limits.admission_queue_timeout_s": 0.2}, engine=engine) as core,
+        speech_app(core) as client,
+    ):
+        await hold_a_stream(core)
+        response = await client.post("/v1/audio/speech", json=SPEECH)
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+        error = (await response.json())["error"]
+        assert error["code"] == "overloaded" and "retry in" in error["message"]
+        assert core.admission.queued == 0 and core.sessions == 1
+        engine.gate.set()
+
+
+@pytest.mark.usefixtures("room_for_one")
+async def test_a_client_that_hangs_up_while_queued_leaves_the_queue() -> None:
+    engine = GatedEngine()
+    async with running_core(QUEUE, engine=engine) as core, speech_app(core) as client:
+        await hold_a_stream(core)
+        with pytest.raises(TimeoutError):
+            await client.post("/v1/audio/speech", json=SPEECH, timeout=ClientTimeout(total=0.3))
+        for _ in range(400):
+            if core.admission.queued == 0 and core.sessions == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert core.admission.queued == 0 and core.sessions == 1  # only the stream playing is left
+        engine.gate.set()

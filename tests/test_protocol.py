@@ -74,6 +74,10 @@ SERVER_MESSAGES: list[ServerMessage] = [
     Done(context="a", reason=DoneReason.ERROR, audio_ms=20.0, segments=1),
     Error(code=ErrorCode.BAD_MESSAGE, message="frame must hold a msgpack map"),
     Error(context="a", code=ErrorCode.SHUTTING_DOWN, message="daemon stopping"),
+    Error(
+        context="late", code=ErrorCode.OVERLOADED, message="at capacity; retry in 3 s", retry_after_ms=3000
+    ),
+    Error(code=ErrorCode.OVERLOADED, message="now", retry_after_ms=0),
 ]
 
 
@@ -123,8 +127,26 @@ def test_encode_uses_bin_for_bytes_and_plain_strings_for_enums() -> None:
     raw = msgpack.unpackb(encode(Audio(segment=1, seq=2, data=b"abc", samples=3)), raw=False)
     assert raw["data"] == b"abc"
     raw = msgpack.unpackb(encode(Error(code=ErrorCode.OVERLOADED, message="slow")), raw=False)
-    assert raw == {"type": "error", "context": None, "code": "overloaded", "message": "slow"}
+    assert raw == {
+        "type": "error",
+        "context": None,
+        "code": "overloaded",
+        "message": "slow",
+        "retry_after_ms": None,
+    }
     assert type(raw["code"]) is str
+
+
+def test_retry_after_ms_is_written_as_an_integer_and_optional_for_older_peers() -> None:
+    hint = Error(context="a", code=ErrorCode.OVERLOADED, message="retry in 2 s", retry_after_ms=2000)
+    raw = msgpack.unpackb(encode(hint), raw=False)
+    assert list(raw) == ["type", "context", "code", "message", "retry_after_ms"]
+    assert raw["retry_after_ms"] == 2000 and type(raw["retry_after_ms"]) is int
+    # A server from before the field never writes it; nil means the same: no hint.
+    older = decode_server(msg("error", context="a", code="overloaded", message="m"))
+    assert isinstance(older, Error) and older.retry_after_ms is None
+    nil = decode_server(msg("error", code="overloaded", message="m", retry_after_ms=None))
+    assert isinstance(nil, Error) and nil.retry_after_ms is None
 
 
 def test_absent_optional_fields_take_defaults() -> None:
@@ -256,6 +278,38 @@ MALFORMED: list[tuple[str, Decoder, bytes, ErrorCode, str | None, str]] = [
         "end, cancel, error",
     ),
     ("error unknown code", S, msg("error", code="nope", message="m"), INVALID, D, "code"),
+    (
+        "retry_after_ms str",
+        S,
+        msg("error", code="overloaded", message="m", retry_after_ms="1"),
+        BAD,
+        D,
+        "retry",
+    ),
+    (
+        "retry_after_ms float",
+        S,
+        msg("error", code="overloaded", message="m", retry_after_ms=1.5),
+        BAD,
+        D,
+        "retry",
+    ),
+    (
+        "retry_after_ms bool",
+        S,
+        msg("error", code="overloaded", message="m", retry_after_ms=True),
+        BAD,
+        D,
+        "retry",
+    ),
+    (
+        "retry_after_ms < 0",
+        S,
+        msg("error", code="overloaded", message="m", retry_after_ms=-1),
+        INVALID,
+        D,
+        "retry",
+    ),
 ]
 
 
@@ -302,7 +356,7 @@ def _random_object(rng: random.Random, depth: int = 0) -> object:
 FIELD_NAMES = [
     "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms", "text", "channels",
     "pre_skip", "segment", "start_ms", "seq", "data", "samples", "reason", "audio_ms", "segments",
-    "code", "message",
+    "code", "message", "retry_after_ms",
 ]  # fmt: skip
 TYPE_NAMES = ["start", "text", "flush", "end", "cancel", "started", "segment", "audio", "done", "error"]
 

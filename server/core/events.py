@@ -36,10 +36,12 @@ class AudioChunk:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """Why the utterance stops early; a `Finished` with reason error or cancel follows."""
+    """Why the utterance stops early; a `Finished` with reason error or cancel follows. `retry_after_s`
+    is set when a later retry may succeed (`overloaded` after waiting for admission)."""
 
     code: ErrorCode
     message: str
+    retry_after_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

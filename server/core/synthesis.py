@@ -2,8 +2,9 @@
 
 A session is one client's scope: a WebSocket connection, or one HTTP request. The core counts
 sessions against `limits.max_connections` at admission (before a door answers), validates what an
-utterance asks for against the loaded model, and gives each utterance the same text budget,
-segmentation and cancel, so every door behaves alike.
+utterance asks for against the loaded model, admits it by measured capacity (refused or queued, see
+admission.py), and gives each utterance the same text budget, segmentation and cancel, so every
+door behaves alike.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterator
 
 from speakd.protocol import DoneReason, ErrorCode
 from speakd.server.config import Config
+from speakd.server.core.admission import Admission
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.events import EventSink
 from speakd.server.core.segmenter import Segmenter
@@ -43,6 +44,12 @@ class SynthesisCore:
         self.metrics = metrics
         self._sessions: set[Session] = set()
         self.closing = False
+        self.admission = Admission(
+            config.limits,
+            capacity=lambda: self.pipeline.capacity.streams(),
+            streams=self._active,
+            metrics=metrics,
+        )
         metrics.load.set_function(self.load)
 
     @property
@@ -105,9 +112,12 @@ class SynthesisCore:
             )
         return lang
 
+    def _active(self) -> list[Utterance]:
+        return [u for session in self._sessions for u in session if u.active]
+
     def active_streams(self) -> int:
         """Utterances that are real-time streams now (work in the pipeline, or audio left to play)."""
-        return sum(1 for session in self._sessions for u in session if u.active)
+        return len(self._active())
 
     def load(self) -> float:
         """The share of real-time synthesis capacity in use (`speakd_load`): streams playing over
@@ -118,30 +128,11 @@ class SynthesisCore:
             return self.pipeline.load()
         return self.active_streams() / capacity
 
-    def check_capacity(self, context: str | None = None) -> None:
-        """Refuse a new utterance, with a retry hint, when the streams playing now already use the
-        share of the box's measured real-time capacity that `limits.admission_headroom` allows: one
-        more would make every listener stall. At least one stream is always admitted."""
-        headroom = self.config.limits.admission_headroom
-        capacity = self.pipeline.capacity.streams()
-        if headroom <= 0 or capacity is None:
-            return
-        active = [u for session in self._sessions for u in session if u.active]
-        if not active or len(active) + 1 <= capacity * headroom:
-            return
-        retry_s = max(1, math.ceil(min(u.audio_in_hand_s for u in active)))
-        playing = "1 stream is" if len(active) == 1 else f"{len(active)} streams are"
-        raise RequestRefused(
-            ErrorCode.OVERLOADED,
-            f"the daemon is at capacity: {playing} playing and this machine keeps "
-            f"about {capacity:.1f} going in real time (measured); retry in {retry_s} s",
-            context,
-            retry_after_s=retry_s,
-        )
-
     async def shutdown(self, grace_s: float) -> None:
-        """Daemon stop: no new sessions; open utterances get `grace_s` to finish, then are cut off."""
+        """Daemon stop: no new sessions; utterances waiting for admission are refused at once, open
+        ones get `grace_s` to finish, then are cut off."""
         self.closing = True
+        await self.admission.close()
         await asyncio.gather(*(s.shutdown(grace_s) for s in list(self._sessions)), return_exceptions=True)
 
 
@@ -184,7 +175,8 @@ class Session:
         sample_rate: int,
     ) -> Utterance:
         """Open utterance `name` after checking everything it asks for; `encoder` is called last, so
-        a refused request never builds one."""
+        a refused request never builds one. In queue mode, an utterance without a place yet opens
+        `queued`: it takes text at once and synthesizes it once admitted (or gets `overloaded`)."""
         if self._core.closing or self.closed:
             raise RequestRefused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; no new contexts", name)
         if name in self._utterances:
@@ -200,7 +192,7 @@ class Session:
         low, high = SPEED_RANGE
         if not low <= speed <= high:
             raise RequestRefused(ErrorCode.INVALID_PARAM, f"speed must be between {low} and {high}", name)
-        self._core.check_capacity(name)
+        queued = self._core.admission.must_wait(name)
         config = self._core.config
         utterance = Utterance(
             name=name,
@@ -218,10 +210,13 @@ class Session:
             sink=self._sink,
             metrics=self._core.metrics,
             on_closed=self._forget,
+            queued=queued,
         )
         self._utterances[name] = utterance
         self._idle.clear()
         self._core.metrics.contexts.inc()
+        if queued:
+            self._core.admission.enqueue(utterance)
         return utterance
 
     def _forget(self, utterance: Utterance) -> None:
@@ -229,6 +224,7 @@ class Session:
         if self._utterances.get(utterance.name) is utterance:
             del self._utterances[utterance.name]
             self._core.metrics.contexts.dec()
+        self._core.admission.discard(utterance)  # out of the queue, and its place may be free now
         if not self._utterances:
             self._idle.set()
 

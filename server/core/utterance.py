@@ -2,7 +2,8 @@
 
 It owns what every door must get the same: the text budget, segmentation, the order of events,
 cancel reaching queued work in every stage, and back-pressure from the door's reader. It is the
-pipeline job's sink, so results arrive here on the event loop and leave as events.
+pipeline job's sink, so results arrive here on the event loop and leave as events. An utterance
+opened to wait for admission (`queued`) takes text as usual but holds its segments until `admit`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Utterance:
         sink: EventSink,
         metrics: SpeakdMetrics,
         on_closed: Callable[[Utterance], None],
+        queued: bool = False,
     ) -> None:
         self.name = name
         self.sample_rate = sample_rate
@@ -57,6 +59,8 @@ class Utterance:
         self._last_segment = -1
         self._first_submit_at: float | None = None
         self._audio_started = False
+        self.queued = queued
+        self._held: list[str] = []  # segments cut while queued, in order, for the pipeline
 
     @property
     def voice(self) -> str:
@@ -74,7 +78,7 @@ class Utterance:
     def active(self) -> bool:
         """Whether this utterance is a real-time stream now: work of its is in the pipeline, or its
         listener still has audio to play."""
-        return not self.closed and self._pipeline.active(self._job)
+        return not self.closed and not self.queued and self._pipeline.active(self._job)
 
     @property
     def audio_in_hand_s(self) -> float:
@@ -84,7 +88,23 @@ class Utterance:
     @property
     def held_chars(self) -> int:
         """Text taken but not yet through the first stage: what counts against the text budget."""
-        return self._segmenter.buffered_chars + self._job.pending_chars
+        return self._segmenter.buffered_chars + self._job.pending_chars + sum(map(len, self._held))
+
+    @property
+    def submitted_any(self) -> bool:
+        """Whether any of its text has reached the pipeline yet."""
+        return self._job.texts_submitted > 0
+
+    def admit(self) -> None:
+        """A place came free: the segments held while queued go to the pipeline, in order."""
+        if not self.queued or self.closed:
+            return
+        self.queued = False
+        held, self._held = self._held, []
+        for segment in held:
+            self._pipeline.submit(self._job, segment)
+        if self.ending:
+            self._pipeline.end(self._job)
 
     # -- what a door asks ----------------------------------------------------------------------------
 
@@ -111,7 +131,8 @@ class Utterance:
         self._check_open()
         self._submit(self._segmenter.flush())
         self.ending = True
-        self._pipeline.end(self._job)
+        if not self.queued:
+            self._pipeline.end(self._job)
 
     def cancel(self, reason: DoneReason = DoneReason.CANCEL) -> None:
         """Stop now: queued work leaves every stage, unsent audio is withdrawn, `Finished` follows."""
@@ -121,11 +142,18 @@ class Utterance:
         self._sink.retract(self)
         self._close(reason)
 
-    def abort(self, code: ErrorCode, message: str, reason: DoneReason = DoneReason.ERROR) -> None:
+    def abort(
+        self,
+        code: ErrorCode,
+        message: str,
+        reason: DoneReason = DoneReason.ERROR,
+        *,
+        retry_after_s: int | None = None,
+    ) -> None:
         """Stop with an error event first (overload, shutdown), then as `cancel`."""
         if self.closed:
             return
-        self._fail_event(code, message)
+        self._fail_event(code, message, retry_after_s)
         self.cancel(reason)
 
     def drop(self) -> None:
@@ -145,8 +173,12 @@ class Utterance:
     def _submit(self, segments: Sequence[str]) -> None:
         for segment in segments:
             if self._first_submit_at is None:
+                # Counted from the client's text, so time to first audio includes a wait for admission.
                 self._first_submit_at = time.perf_counter()
-            self._pipeline.submit(self._job, segment)
+            if self.queued:
+                self._held.append(segment)
+            else:
+                self._pipeline.submit(self._job, segment)
 
     # -- results from the pipeline (JobSink) ------------------------------------------------------------
 
@@ -192,9 +224,9 @@ class Utterance:
             self.samples += frame.samples
             self._metrics.audio_seconds.inc(frame.samples / self.sample_rate)
 
-    def _fail_event(self, code: ErrorCode, message: str) -> None:
+    def _fail_event(self, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
         self._metrics.errors.labels(code=code.value).inc()
-        self._emit(Failed(code, message))
+        self._emit(Failed(code, message, retry_after_s))
 
     def _close(self, reason: DoneReason) -> None:
         # The session forgets it first, so a door that sees `Finished` sees its session without it.
@@ -206,4 +238,4 @@ class Utterance:
         return self._sink.emit(self, event)
 
     def __repr__(self) -> str:
-        return f"Utterance({self.name!r}, closed={self.closed})"
+        return f"Utterance({self.name!r}, queued={self.queued}, closed={self.closed})"

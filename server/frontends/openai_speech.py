@@ -3,7 +3,9 @@
 A thin adapter over the synthesis core: one request is one session with one utterance. The whole
 input goes in at once and the core cuts it as it cuts any stream, so the first sentence (its first
 clause) is spoken first; the body streams as the audio is produced. Headers wait for the first audio,
-so a request that fails before any audio still gets OpenAI's error JSON with a fitting status.
+so a request that fails before any audio still gets OpenAI's error JSON with a fitting status; a
+request queued for admission (`limits.admission = "queue"`) just waits longer for them, and gets a
+503 with Retry-After if no place frees up in time.
 """
 
 from __future__ import annotations
@@ -224,11 +226,13 @@ def _refused(exc: RequestRefused) -> ApiError:
     if exc.code is ErrorCode.SHUTTING_DOWN:
         return _shutting_down(exc.message)
     if exc.code is ErrorCode.OVERLOADED:
-        # At measured capacity: a balancer or the SDK's retries try again later or elsewhere.
-        return ApiError(
-            503, exc.message, type_="server_error", code="overloaded", retry_after_s=exc.retry_after_s or 1
-        )
+        return _overloaded(exc.message, exc.retry_after_s)
     return ApiError(400, exc.message, code=exc.code.value)
+
+
+def _overloaded(message: str, retry_after_s: int | None) -> ApiError:
+    """At measured capacity: a balancer or the SDK's retries try again later or elsewhere."""
+    return ApiError(503, message, type_="server_error", code="overloaded", retry_after_s=retry_after_s or 1)
 
 
 async def create_speech(request: web.Request) -> web.StreamResponse:
@@ -299,6 +303,9 @@ async def _respond(
     if failure is not None:
         if failure.code is ErrorCode.SHUTTING_DOWN:
             raise _shutting_down(failure.message)
+        if failure.code is ErrorCode.OVERLOADED:
+            # Waited for admission (limits.admission = "queue") and got no place in time.
+            raise _overloaded(failure.message, failure.retry_after_s)
         raise ApiError(500, failure.message, type_="server_error", code=failure.code.value)
     sse = speech.stream_format == "sse"
     content_type = "text/event-stream" if sse else CONTENT_TYPES[speech.response_format]

@@ -4,6 +4,11 @@ The reader and the writer are separate tasks, so a client that stops reading sta
 writer. Protocol v1 promises `overloaded` rather than a stall: audio that would push the send buffer
 past `limits.max_outbound_bytes` aborts the connection's contexts with that error, so this door
 always has room (it never holds the pipeline back) and its buffer stays bounded in bytes.
+
+A `start` is answered at once with `started`, also when the core queues the context for admission
+(`limits.admission = "queue"`): the reader never waits on it, the client streams its text as usual
+(the core holds it), and the audio simply starts later, or the context ends with `overloaded` and a
+retry hint (`retry_after_ms`) like any context the server stops.
 """
 
 from __future__ import annotations
@@ -176,8 +181,10 @@ class Connection:
                     )
                 request = decode_client(msg.data)
                 self._handle(request)
-            except (ProtocolError, RequestRefused) as exc:
+            except ProtocolError as exc:
                 self._error(exc.context, exc.code, exc.message)
+            except RequestRefused as exc:
+                self._error(exc.context, exc.code, exc.message, exc.retry_after_s)
             except Exception:
                 # A bug must cost one request, not the connection (or the daemon).
                 logger.exception("internal error handling %r", request)
@@ -250,7 +257,10 @@ class Connection:
                 Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms),
             )
         if isinstance(event, Failed):
-            return self._send(None, Error(context=name, code=event.code, message=event.message))
+            error = Error(
+                context=name, code=event.code, message=event.message, retry_after_ms=_ms(event.retry_after_s)
+            )
+            return self._send(None, error)
         assert isinstance(event, Finished)
         sent = self._send(
             None, Done(context=name, reason=event.reason, audio_ms=event.audio_ms, segments=event.segments)
@@ -263,9 +273,13 @@ class Connection:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def _error(self, context: str | None, code: ErrorCode, message: str) -> None:
+    def _error(
+        self, context: str | None, code: ErrorCode, message: str, retry_after_s: int | None = None
+    ) -> None:
         self._metrics.errors.labels(code=code.value).inc()
-        self._send(None, Error(context=context, code=code, message=message))
+        self._send(
+            None, Error(context=context, code=code, message=message, retry_after_ms=_ms(retry_after_s))
+        )
 
     def _send(self, owner: Utterance | None, msg: ServerMessage) -> bool:
         """Queue a message; audio (owner set) that would overflow the buffer overloads the connection."""
@@ -316,3 +330,8 @@ class Connection:
             # The peer takes nothing, not even a close frame: drop the TCP connection.
             if isinstance(self._transport, asyncio.Transport):
                 self._transport.abort()
+
+
+def _ms(seconds: int | None) -> int | None:
+    """A core retry hint (whole seconds) as the wire's `retry_after_ms`."""
+    return None if seconds is None else seconds * 1000
