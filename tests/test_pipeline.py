@@ -23,6 +23,7 @@ import pytest
 from speakd.server.audio.encoders import Frame, FrameEncoder, Pcm16FrameEncoder
 from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 from speakd.server.engines.kokoro.g2p import EnglishG2P, PhonemeChunk
+from speakd.server.engines.kokoro.seams import SeamCarry
 from speakd.server.engines.kokoro.stages import KokoroStages
 from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
 from speakd.server.errors import SynthesisError
@@ -76,6 +77,7 @@ class FakeEngine:
         self.gated: Callable[[str], bool] = lambda text: True
         self.fail: tuple[str, str] | None = None
         self.vocoded: list[str] = []
+        self.seams: list[tuple[str, SeamCarry | None]] = []  # per vocoder call: its text and seam
         self.acoustic_texts: list[str] = []
         self.batch_sizes: dict[str, list[int]] = {"acoustic": [], "vocoder": []}
 
@@ -116,6 +118,7 @@ class FakeEngine:
                 time.sleep(self.vocode_delay)
             self._check("vocoder", text)
             self.vocoded.append(text)
+            self.seams.append((text, features.seam))
             out.append(np.full(features.frames * SAMPLES_PER_FRAME, _level(text), np.float32))
         return out
 
@@ -635,6 +638,28 @@ async def test_an_item_that_expands_overfills_its_lane_by_its_expansion_only(har
     await wait_until(lambda: {"busy", "x"} <= h.sink.ended)
     assert h.sink.delivered("x") == [(i, f"x {i}") for i in range(4)]
     assert [e.index for e in h.sink.of("x", "deliver")] == [0, 0, 1, 2, 3]  # the first in two parts
+
+
+async def test_the_windows_of_a_split_segment_share_one_seam_and_a_whole_render_has_none(
+    harness: Harness,
+) -> None:
+    h = harness
+    h.engine.frames = 40  # a context's first segment is vocoded in two windows
+    job = h.job("x")
+    h.pipeline.submit(job, "x 0")
+    h.pipeline.end(job)
+    await wait_until(lambda: "x" in h.sink.ended)
+    (first, first_seam), (second, second_seam) = h.engine.seams
+    assert first == second == "x 0"
+    assert first_seam is not None and first_seam is second_seam
+
+    h.engine.seams.clear()
+    h.engine.frames = 20  # too short to split: one render on its own
+    short = h.job("short")
+    h.pipeline.submit(short, "short 0")
+    h.pipeline.end(short)
+    await wait_until(lambda: "short" in h.sink.ended)
+    assert h.engine.seams == [("short 0", None)]
 
 
 class ExplodingSink(RecordingSink):

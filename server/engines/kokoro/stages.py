@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from speakd.server.engines.kokoro.engine import AcousticFeatures, AcousticRequest, Engine
 from speakd.server.engines.kokoro.g2p import EnglishG2P
+from speakd.server.engines.kokoro.seams import SeamCarry
 from speakd.server.engines.kokoro.vocoder_speed import VocoderCost, VocoderSpeed
 from speakd.server.engines.kokoro.voices import VoiceBank
 from speakd.server.engines.kokoro.windows import (
@@ -53,6 +54,7 @@ class FeaturesItem:
     span: Span
     position: int
     stitcher: Stitcher
+    seam: SeamCarry
     windows_done: int = 0
 
 
@@ -103,7 +105,11 @@ class KokoroStages:
         out: list[FeaturesItem] = []
         for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
             span = segment_span(feats)
-            out.append(FeaturesItem(item.job, item.index, item.text, feats, span, span.start, Stitcher()))
+            out.append(
+                FeaturesItem(
+                    item.job, item.index, item.text, feats, span, span.start, Stitcher(), SeamCarry()
+                )
+            )
         return out
 
     def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem | Again]:
@@ -121,8 +127,12 @@ class KokoroStages:
             for item in items
         ]
         started = time.perf_counter()
+        # A segment rendered whole is a render on its own; a split one's windows share its seam.
         rendered = self._engine.vocode(
-            [w.slice(item.features) for item, w in zip(items, windows, strict=True)]
+            [
+                w.slice(item.features, None if w.last and not item.windows_done else item.seam)
+                for item, w in zip(items, windows, strict=True)
+            ]
         )
         # A batch costs what its padded size does: its items, each as long as the longest.
         longest = max(w.render_end - w.render_start for w in windows)

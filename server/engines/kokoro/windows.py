@@ -9,11 +9,11 @@ audio in hand never hears a seam), else the longest window that fits, else (a li
 already) the shortest window after which the rest can keep up in MAX_WINDOWS windows in all. The
 rest of the segment goes back to the stage's queue, where other listeners due sooner may go first.
 Each window is rendered with context frames beyond its edges (the trimmed lead-in included) so its
-convolutions see what a whole render sees, and windows are joined with a short crossfade at an
-unvoiced frame when one is near: the harmonic source's phase restarts in each window, which is
-inaudible where that source is silent, and costs words where it is not (see MAX_WINDOWS). Every
-window re-renders its context (about 20 frames, ~150 ms on this CPU), which is why windows are as
-long as the deadline allows and a split must pay (SPLIT_GAIN).
+convolutions see what a whole render sees; it starts its harmonics at the segment's phase and
+normalises with the statistics its segment's windows share (`seams`), and windows are joined with a
+short crossfade, at an unvoiced frame when one is near. Every window re-renders its context (about
+20 frames, ~150 ms on this CPU), which is why windows are as long as the deadline allows and a split
+must pay (SPLIT_GAIN).
 
 The leading pause Kokoro puts before every utterance (~0.5 s of near-silence, the BOS token's
 duration) is trimmed to LEAD_KEEP_FRAMES in every segment: rendering it costs time and delays the
@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from speakd.server.engines.kokoro.engine import SAMPLE_RATE, SAMPLES_PER_FRAME, AcousticFeatures
+from speakd.server.engines.kokoro.seams import SeamCarry, harmonic_phase
 from speakd.server.engines.kokoro.vocoder_speed import VocoderCost
 
 CONTEXT_FRAMES = 12
@@ -52,12 +53,12 @@ MIN_WINDOW_FRAMES = 12  # 0.3 s: no window emits less
 PREBUFFER_FRAMES = 4  # the 100 ms a client buffers before it starts playing
 SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
 COST_MARGIN = 1.25  # a window is planned to render in 1.25x its predicted time
-# At most this many windows per segment: every seam costs words. Whisper word errors on 40 held-out
-# sentences, each planned for a waiting listener at this CPU's usual vocoder cost (25 ms + 7.5 ms a
-# frame): whole renders 15/288, at most 2 windows 21, at most 3 windows 27, up to 5 windows 36; at
-# a vocoder half as fast (longer first windows), 2 windows 15. More windows bring the first audio of
-# a long sentence sooner, at a price in intelligibility this CPU cannot pay.
-MAX_WINDOWS = 2
+# At most this many windows per segment: each re-renders its context, which an overloaded box cannot
+# afford. Seams no longer cost words since windows share their segment's harmonic phase and norm
+# statistics (`seams`): bench/seam_study.py, 40 held-out sentences (288 words, Whisper tiny.en), planned
+# for a waiting listener at this CPU's usual vocoder cost (25 ms + 7.5 ms a frame): whole renders 15
+# word errors; at most 2 windows 11 (21 without the carry), at most 4 15 (27), at most 6 15 (36).
+MAX_WINDOWS = 6
 # A waiting listener's segment is split only if its first window renders in under 3/4 of the whole's
 # time and at least 50 ms sooner; a listener with audio in hand gets a split whenever the whole would
 # not render before that audio runs out.
@@ -79,8 +80,9 @@ class Window:
     last: bool
     pad_frames: int = 0  # silent frames emitted as zeros after the last window, never rendered
 
-    def slice(self, features: AcousticFeatures) -> AcousticFeatures:
-        """The features this window's render needs (views, no copies)."""
+    def slice(self, features: AcousticFeatures, seam: SeamCarry | None = None) -> AcousticFeatures:
+        """The features this window's render needs (views, no copies); the windows of a split
+        segment share `seam`, and each starts its harmonics where the segment's phase stands."""
         a, b = self.render_start, self.render_end
         return AcousticFeatures(
             asr=features.asr[:, :, a:b],
@@ -88,6 +90,8 @@ class Window:
             energy=features.energy[:, 2 * a : 2 * b],
             style=features.style,
             durations=features.durations,
+            harmonic_phase=harmonic_phase(features.f0, a),
+            seam=seam,
         )
 
 
