@@ -1,4 +1,5 @@
-"""The batched torch engine on a GPU, in one command on a bare machine: oracle, sizes, overlap, autocast.
+"""The batched torch engine on a GPU, in one command on a bare machine: oracle, sizes, overlap, autocast,
+compile.
 
 Usage (on the GPU machine, see bench/GPU.md):   bash bench/gpu_run.sh
        (here, in CPU mode):   .venv/bin/python bench/gpu_check.py --device cpu --quick
@@ -19,7 +20,8 @@ Sections, each printed and appended to OUT/gpu_check.jsonl as it finishes (one J
    (speakd.server.engines.kokoro.torch_oracle), with TF32 off and then on;
 3. sizes: per-stage latency, audio seconds per second and peak memory at each batch size;
 4. overlap: the acoustic and the vocoder stage in two threads at once (each its own CUDA stream);
-5. autocast: the vocoder under bf16 and fp16 autocast, its error against fp32 and its speed.
+5. autocast: the vocoder under bf16 and fp16 autocast, its error against fp32 and its speed;
+6. compile (CUDA only): the vocoder through torch.compile, without and with CUDA graphs, against eager.
 Exit status 0 when every section ends "ok", "oom" or "timeout" (limits of the machine), else 1.
 """
 
@@ -464,6 +466,94 @@ def autocast(bench: Bench, record: dict[str, Any], report: Report, check: Callab
         raise RuntimeError(f"autocast failed: {[d for d in dtypes if 'error' in record[d]]}")
 
 
+def compiled(bench: Bench, record: dict[str, Any], report: Report, check: Callable[[str], None]) -> None:
+    """The vocoder through torch.compile (Inductor), then with CUDA graphs ("reduce-overhead"), against
+    eager on the same fixed-shape batches: compile time, speed-up and error. Inductor draws random
+    numbers its own way, so fallback_random keeps eager's (fixed tables) for a fair error figure."""
+    import types
+
+    import torch._inductor.config as inductor_config
+
+    from speakd.server.engines.kokoro import torch_batch
+    from speakd.server.engines.kokoro.torch_oracle import fixed_randomness
+
+    np = bench.np
+    inductor_config.fallback_random = True
+    # Host-to-device copies go through pinned memory, which Dynamo cannot trace: they stay eager.
+    # So does the harmonic source: per-item lengths (.tolist()) and a phase summed over ~1e5 rad, which
+    # another summation order would move; only the convolution stack is compiled.
+    eager_to_device, eager_source = torch_batch.to_device, torch_batch._harmonic_spectrum
+    torch_batch.to_device = bench.torch.compiler.disable(eager_to_device)
+    if not bench.args.compile_source:
+        torch_batch._harmonic_spectrum = bench.torch.compiler.disable(eager_source)
+    batches = {
+        size: bench.engine.acoustic(bench.requests(size, offset=23)) for size in bench.args.compile_sizes
+    }
+    eager_batch = bench.engine._batch
+    record["sizes"] = bench.args.compile_sizes
+    modes = bench.args.compile_modes  # Inductor's kernels ("default"); with CUDA graphs ("reduce-overhead")
+    try:
+        for mode in modes:
+            check(mode)
+            function = bench.torch.compile(torch_batch.vocode, mode=mode, dynamic=False)
+            bench.engine._batch = types.SimpleNamespace(**{**vars(torch_batch), "vocode": function})
+            rows: dict[str, Any] = {}
+            record[mode] = rows
+            for size, features in batches.items():
+                check(f"{mode} at {size}")
+                bench.engine._batch = eager_batch
+                with fixed_randomness():
+                    expected = bench.engine.vocode(features)
+                eager_s = min(
+                    _timed(lambda f=features: bench.engine.vocode(f)) for _ in range(bench.args.rounds)
+                )
+                bench.engine._batch = types.SimpleNamespace(**{**vars(torch_batch), "vocode": function})
+                try:
+                    with fixed_randomness():
+                        compile_s = _timed(lambda f=features: bench.engine.vocode(f))
+                        got = bench.engine.vocode(features)
+                    for _ in range(2):  # CUDA graphs record on a later call than the first
+                        bench.engine.vocode(features)
+                    compiled_s = min(
+                        _timed(lambda f=features: bench.engine.vocode(f)) for _ in range(bench.args.rounds)
+                    )
+                    errors = [
+                        np.abs(g - e).max() / np.abs(e).max() for g, e in zip(got, expected, strict=True)
+                    ]
+                    rows[str(size)] = {
+                        "spectral_error_vs_eager": max(
+                            _spectral_error(np, g, e) for g, e in zip(got, expected, strict=True)
+                        ),
+                        "first_call_s": compile_s,
+                        "eager_ms": eager_s * 1e3,
+                        "compiled_ms": compiled_s * 1e3,
+                        "speedup": eager_s / compiled_s,
+                        "max_error_vs_eager": float(max(errors)),
+                    }
+                except Exception as exc:  # one mode failing must not hide the other
+                    if is_oom(exc):
+                        raise
+                    rows[str(size)] = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
+                    traceback.print_exc()
+                print(f"   {mode} at {size}: {json.dumps(rows[str(size)], default=float)}", flush=True)
+                report.write({**record, "status": "running"})
+    finally:
+        bench.engine._batch = eager_batch
+        torch_batch.to_device, torch_batch._harmonic_spectrum = eager_to_device, eager_source
+    failed = [f"{mode} at {size}" for mode in modes for size, row in record[mode].items() if "error" in row]
+    if failed:
+        raise RuntimeError(f"compile failed: {', '.join(failed)}")
+
+
+def _spectral_error(np: Any, got: Any, expected: Any) -> float:
+    """‖|STFT(got)| - |STFT(expected)|‖ / ‖|STFT(expected)|‖ (1024-sample Hann frames, hop 256). The
+    harmonic source's phase is a running sum of ~1e5 rad: another summation order moves it by a few
+    mrad, which a sample-wise error shows as large while the spectrum, what is heard, stays put."""
+    frames = np.lib.stride_tricks.sliding_window_view(np.stack([got, expected]), 1024, axis=-1)[:, ::256]
+    got_mag, expected_mag = np.abs(np.fft.rfft(frames * np.hanning(1024), axis=-1))
+    return float(np.linalg.norm(got_mag - expected_mag) / max(np.linalg.norm(expected_mag), 1e-12))
+
+
 def _timed(work: Callable[[], Any]) -> float:
     started = time.perf_counter()
     work()
@@ -480,6 +570,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 3)")
     parser.add_argument("--budget-s", type=float, default=240, help="time for all sections (default 240)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--compile", action="store_true", help="the compile section on a CPU too")
+    parser.add_argument("--compile-sizes", default=None, help="batch sizes to compile (default 1,8,64)")
+    parser.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes")
+    parser.add_argument(
+        "--compile-source", action="store_true", help="compile the harmonic source too (moves its phase)"
+    )
     parser.add_argument("--site", type=Path, default=None, help="carry set directory, appended to sys.path")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.jsonl")
     args = parser.parse_args()
@@ -489,6 +585,10 @@ def main() -> int:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.overlap_size = 1 if args.quick else 64
     args.autocast_size = 1 if args.quick else 64
+    args.compile_sizes = [
+        int(s) for s in (args.compile_sizes or ("1,2" if args.quick else "1,8,64")).split(",")
+    ]
+    args.compile_modes = args.compile_modes.split(",")
     if args.rounds < 1 or min(args.sizes) < 1:
         parser.error("--rounds and every size must be at least 1")
 
@@ -530,8 +630,10 @@ def main() -> int:
         ("oracle", 0.2, lambda r, c: oracle(bench, r, c)),
         ("sizes", 0.55, lambda r, c: sizes(bench, r, report, c)),
         ("overlap", 0.3, lambda r, c: overlap(bench, r, c)),
-        ("autocast", 1.0, lambda r, c: autocast(bench, r, report, c)),
+        ("autocast", 0.5 if bench.cuda else 1.0, lambda r, c: autocast(bench, r, report, c)),
     ]
+    if bench.cuda or args.compile:  # Inductor on a 2-core CPU would take the CPU test's whole time
+        plan.append(("compile", 1.0, lambda r, c: compiled(bench, r, report, c)))
     for name, share, run in plan:
         seconds = budget.share(share)
         if seconds < 5:
