@@ -114,15 +114,12 @@ class KokoroStages:
 
     def _vocode(self, items: list[FeaturesItem]) -> list[WaveformItem | Again]:
         # Each segment's next window is planned now, from the time its listener has left; a segment
-        # already cut MAX_WINDOWS - 1 times is finished whole (an overloaded box would otherwise cut
-        # ever smaller windows, each re-rendering its context: more work, when there is least time).
+        # has MAX_WINDOWS windows at most (an overloaded box would otherwise cut ever smaller windows,
+        # each re-rendering its context: more work, when there is least time).
         cost = self._vocoder_speed.cost
         windows = [
             next_window(
-                item.span,
-                item.position,
-                math.inf if item.windows_done >= MAX_WINDOWS - 1 else item.job.playback.slack(),
-                cost,
+                item.span, item.position, item.job.playback.slack(), cost, MAX_WINDOWS - item.windows_done
             )
             for item in items
         ]

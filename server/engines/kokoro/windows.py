@@ -6,7 +6,8 @@ keep a listener waiting 1.5 s. The vocoder stage plans one window at a time, whe
 segment up (`next_window`), from the time its listener still has audio for (its playback clock) and
 the vocoder's learnt cost: the rest of the segment whole when that fits in time (a listener with
 audio in hand never hears a seam), else the longest window that fits, else (a listener waiting
-already) the shortest window after which the rest can keep up in MAX_WINDOWS windows in all. The
+already, or one whose rest could not keep up after the longest window that fits) the shortest
+window after which the rest can keep up in MAX_WINDOWS windows in all. The
 rest of the segment goes back to the stage's queue, where other listeners due sooner may go first.
 Each window is rendered with context frames beyond its edges (the trimmed lead-in included) so its
 convolutions see what a whole render sees; it starts its harmonics at the segment's phase and
@@ -24,7 +25,6 @@ which costs nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,7 +50,6 @@ LEAD_KEEP_FRAMES = 4
 TAIL_KEEP_FRAMES = 12
 PAUSE_ENERGY = -2.5  # the energy curve sits near -5..-10 in pauses and above -2 in speech
 MIN_WINDOW_FRAMES = 12  # 0.3 s: no window emits less
-PREBUFFER_FRAMES = 4  # the 100 ms a client buffers before it starts playing
 SECONDS_PER_FRAME = SAMPLES_PER_FRAME / SAMPLE_RATE
 COST_MARGIN = 1.25  # a window is planned to render in 1.25x its predicted time
 # At most this many windows per segment: each re-renders its context, which an overloaded box cannot
@@ -155,13 +154,15 @@ def _largest_fitting(seconds: float, context: int, vocoder: VocoderCost) -> int:
     return int((seconds / COST_MARGIN - vocoder.fixed_s) / vocoder.per_frame_s) - context
 
 
-def _keeps_up(remaining: int, slack_s: float, vocoder: VocoderCost) -> bool:
-    """Whether `remaining` frames can follow in at most MAX_WINDOWS - 1 windows, each as long as the
+def _keeps_up(remaining: int, slack_s: float, vocoder: VocoderCost, windows: int) -> bool:
+    """Whether `remaining` frames can follow in at most `windows` windows, each as long as the
     listener's audio in hand allows, without it running dry (at the predicted speed, with the margin)."""
-    for _ in range(MAX_WINDOWS - 1):
+    for _ in range(windows):
         if COST_MARGIN * vocoder.seconds(remaining + CONTEXT_FRAMES) <= slack_s:
             return True
-        frames = min(_largest_fitting(slack_s, CONTEXT_FRAMES + RIGHT_CONTEXT_FRAMES, vocoder), remaining)
+        # As next_window cuts: never leaving less than a window behind.
+        most = remaining - MIN_WINDOW_FRAMES
+        frames = min(_largest_fitting(slack_s, CONTEXT_FRAMES + RIGHT_CONTEXT_FRAMES, vocoder), most)
         if frames < MIN_WINDOW_FRAMES:
             return False
         render = COST_MARGIN * vocoder.seconds(frames + CONTEXT_FRAMES + RIGHT_CONTEXT_FRAMES)
@@ -170,39 +171,47 @@ def _keeps_up(remaining: int, slack_s: float, vocoder: VocoderCost) -> bool:
     return False
 
 
-def next_window(span: Span, position: int, slack_s: float, vocoder: VocoderCost) -> Window:
+def next_window(
+    span: Span, position: int, slack_s: float, vocoder: VocoderCost, windows_left: int = MAX_WINDOWS
+) -> Window:
     """The next window of a segment, from `position`, for a listener with `slack_s` seconds of audio
-    in hand, rendered now by a vocoder that costs `vocoder`.
+    in hand, rendered now by a vocoder that costs `vocoder`; at most `windows_left` windows, this one
+    included, may finish the segment.
 
     The rest of the segment is rendered whole if that fits in the time the listener has: a seam costs
-    some intelligibility, so a listener with audio in hand never hears one. Otherwise the window is
-    as long as fits in that time, so later windows can grow and the seams stay few; a listener with
-    too little in hand (one waiting for its first audio) gets the shortest window after which the
-    rest can keep up, so its wait ends soonest. No split where it does not pay: where the window
-    would render in nearly the whole's time (a fixed cost per call dominates, as on a GPU)."""
+    some intelligibility, so a listener with audio in hand never hears a seam. Otherwise the window is
+    as long as fits in that time, so later windows can grow and the seams stay few, provided the rest
+    can then keep up. Where it cannot (every window re-renders ~20 frames of context, so windows that
+    only just fit gain nothing on a slow vocoder, and the last one would be a long wait), or where the
+    listener waits already, the window is the shortest after which the rest keeps up: one short wait
+    now instead of a long one later. No split where it does not pay: where the window would render in
+    nearly the whole's time (a fixed cost per call dominates, as on a GPU)."""
     whole_start = _render_start(span, position, whole=True)
     whole = Window(position, span.end, whole_start, span.end, last=True, pad_frames=span.pad_frames)
     remaining = span.end - position
     whole_s = COST_MARGIN * vocoder.seconds(span.end - whole_start)
-    if whole_s <= slack_s or remaining < 2 * MIN_WINDOW_FRAMES:
+    if whole_s <= slack_s or remaining < 2 * MIN_WINDOW_FRAMES or windows_left <= 1:
         return whole
     render_start = _render_start(span, position, whole=False)
     context = position - render_start + RIGHT_CONTEXT_FRAMES
+
+    def rest_keeps_up(frames: int) -> bool:
+        render_s = COST_MARGIN * vocoder.seconds(frames + context)
+        after_s = max(0.0, slack_s - render_s) + frames * SECONDS_PER_FRAME
+        return _keeps_up(remaining - frames, after_s, vocoder, windows_left - 1)
+
     most = remaining - MIN_WINDOW_FRAMES
     frames = min(_largest_fitting(slack_s, context, vocoder), most)
-    waiting = frames < MIN_WINDOW_FRAMES
+    waiting = frames < MIN_WINDOW_FRAMES or not rest_keeps_up(frames)
     if waiting:
         # The listener will wait whatever is chosen: the shortest window after which the rest keeps up.
-        prebuffer = PREBUFFER_FRAMES * SECONDS_PER_FRAME
         frames = next(
-            (
-                n
-                for n in range(MIN_WINDOW_FRAMES, most + 1)
-                if _keeps_up(remaining - n, n * SECONDS_PER_FRAME + prebuffer, vocoder)
-            ),
-            _two_windows(remaining, slack_s + prebuffer, vocoder),
+            (n for n in range(MIN_WINDOW_FRAMES, most + 1) if rest_keeps_up(n)),
+            _two_windows(remaining, slack_s, vocoder),
         )
     seam = _seam(position + frames, span.unvoiced, position + MIN_WINDOW_FRAMES // 2, span.end - 1)
+    if seam != position + frames and not rest_keeps_up(seam - position):
+        seam = position + frames  # an unvoiced seam, but not at the price of a wait later
     head = Window(position, seam, render_start, min(span.end, seam + RIGHT_CONTEXT_FRAMES), last=False)
     if waiting:
         # A seam for a wait barely shorter does not pay (a call's fixed cost dominates, as on a GPU).
@@ -226,18 +235,17 @@ def _two_windows(remaining: int, slack_s: float, vocoder: VocoderCost) -> int:
 
 def plan_windows(features: AcousticFeatures, *, slack_s: float, vocoder: VocoderCost) -> list[Window]:
     """Every window `next_window` gives for a segment if each render takes its predicted time (and
-    the margin) and nothing else runs: for studies and tests; the vocoder plans one at a time."""
+    the margin) and nothing else runs, with the listener's audio in hand tracked as the playback clock
+    tracks it: for studies and tests; the vocoder plans one at a time."""
     span = segment_span(features)
-    windows = [next_window(span, span.start, slack_s, vocoder)]
-    slack_s = max(0.0, slack_s - COST_MARGIN * _seconds(windows[-1], vocoder)) + (
-        PREBUFFER_FRAMES * SECONDS_PER_FRAME if slack_s <= 0 else 0.0
-    )
-    while not windows[-1].last:
-        slack_s += (windows[-1].end - windows[-1].start) * SECONDS_PER_FRAME
-        # As the vocoder stage does: after MAX_WINDOWS - 1 cuts, the rest whole.
-        left = math.inf if len(windows) >= MAX_WINDOWS - 1 else slack_s
-        windows.append(next_window(span, windows[-1].end, left, vocoder))
-        slack_s = max(0.0, slack_s - COST_MARGIN * _seconds(windows[-1], vocoder))
+    windows: list[Window] = []
+    position = span.start
+    while not windows or not windows[-1].last:
+        window = next_window(span, position, slack_s, vocoder, MAX_WINDOWS - len(windows))
+        render_s = COST_MARGIN * _seconds(window, vocoder)
+        slack_s = max(0.0, slack_s - render_s) + (window.end - window.start) * SECONDS_PER_FRAME
+        windows.append(window)
+        position = window.end
     return windows
 
 
