@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from speakd.protocol import PATH
-from speakd.server.config import Config
+from speakd.server.config import Config, is_loopback, parse_listen
 from speakd.server.core.errors import Busy
 from speakd.server.core.synthesis import SynthesisCore
 from speakd.server.engines.backend import SpeechBackend
@@ -32,6 +32,7 @@ from speakd.server.frontends.auth import (
 )
 from speakd.server.frontends.keys import CONFIG, LOADER, METRICS, STOP, loaded_core
 from speakd.server.frontends.websocket import Connection
+from speakd.server.frontends.wyoming_door import WyomingServer
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.fair_queue import BatchLimits
 from speakd.server.pipeline.pipeline import Pipeline
@@ -101,6 +102,43 @@ async def _speech_context(app: web.Application) -> AsyncIterator[None]:
         await core.pipeline.close()
 
 
+async def _wyoming_context(app: web.Application) -> AsyncIterator[None]:
+    """The Wyoming listener, once the model is ready (Home Assistant retries a refused connection);
+    closed before the pipeline stops."""
+    config = app[CONFIG]
+    if not config.wyoming.listen:
+        yield
+        return
+    host, port = parse_listen(config.wyoming.listen)
+    if not is_loopback(host):
+        logger.warning(
+            "wyoming: listening on %s, not loopback: Wyoming has no authentication, so anyone who can "
+            "reach this port can use the daemon",
+            host,
+        )
+    servers: list[WyomingServer] = []
+
+    async def start() -> None:
+        core = await asyncio.shield(app[LOADER])
+        server = WyomingServer(core)
+        servers.append(server)
+        bound = await server.start(host, port)
+        logger.info("wyoming: listening on tcp://%s:%d", host, bound)
+
+    def stop_on_failure(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and load_error(app) is None:
+            logger.error("wyoming: cannot listen on %s:%d: %s", host, port, task.exception())
+            app[STOP].set()
+
+    starting = asyncio.create_task(start(), name="speakd-wyoming")
+    starting.add_done_callback(stop_on_failure)
+    yield
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    for server in servers:
+        await server.close()
+
+
 async def drain(app: web.Application) -> None:
     """Stop taking new work while still listening: /readyz says 503 so balancers send new clients
     elsewhere, new sessions are refused with 503, and open utterances get server.shutdown_grace_s
@@ -165,6 +203,7 @@ def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Applic
     app[METRICS] = SpeakdMetrics()
     app[STOP] = asyncio.Event()
     app.cleanup_ctx.append(_speech_context)
+    app.cleanup_ctx.append(_wyoming_context)  # cleaned up first: its sessions go before the pipeline
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(_bound_send_buffer)
     status.add_routes(app)

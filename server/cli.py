@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="listen on a non-loopback address without a token (only behind something that authenticates)",
     )
+    serve.add_argument(
+        "--wyoming",
+        metavar="[HOST:]PORT",
+        help="also serve Home Assistant's Wyoming protocol on this TCP port (host 127.0.0.1 unless given; "
+        "10200 is Home Assistant's usual TTS port; default: wyoming.listen, off)",
+    )
+    serve.add_argument(
+        "--wyoming-allow-remote",
+        action="store_const",
+        const=True,
+        help="let the Wyoming port listen on a non-loopback address (Wyoming has no authentication)",
+    )
     return parser
 
 
@@ -73,6 +85,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "model.threads": args.threads,
         "auth.token_file": args.token_file,
         "auth.allow_unauthenticated": args.allow_unauthenticated,
+        "wyoming.listen": args.wyoming,
+        "wyoming.allow_remote": args.wyoming_allow_remote,
     }
 
 

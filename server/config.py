@@ -7,6 +7,7 @@ ignored and surfacing later as a confusing runtime failure.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -143,6 +144,42 @@ class AuthSection:
     allow_unauthenticated: bool = False
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`[HOST:]PORT` (IPv6 hosts in brackets) as (host, port); the host defaults to loopback."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise ValueError(f"{value!r} is not [HOST:]PORT")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WyomingSection:
+    """Home Assistant's Wyoming protocol on a TCP port of its own: off unless `listen` is set (another
+    Wyoming server may hold 10200, the usual port). Wyoming has no authentication, so an address other
+    than loopback needs allow_remote."""
+
+    listen: str = ""  # "[HOST:]PORT"; the host defaults to 127.0.0.1
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        if self.listen and not self.allow_remote and not is_loopback(parse_listen(self.listen)[0]):
+            raise ConfigError(
+                f"wyoming.listen {self.listen!r} is not a loopback address, and Wyoming has no "
+                "authentication: anyone who reaches the port can use it; set wyoming.allow_remote = true "
+                "(or --wyoming-allow-remote) to listen there anyway"
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; `Config()` is the built-in defaults."""
@@ -154,6 +191,7 @@ class Config:
     audio: AudioSection = field(default_factory=AudioSection)
     openai: OpenAISection = field(default_factory=OpenAISection)
     auth: AuthSection = field(default_factory=AuthSection)
+    wyoming: WyomingSection = field(default_factory=WyomingSection)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -227,6 +265,16 @@ def _non_empty(value: Any) -> bool:
     return bool(value != "")
 
 
+def _listen_ok(value: Any) -> bool:
+    if value == "":
+        return True
+    try:
+        parse_listen(value)
+    except ValueError:
+        return False
+    return True
+
+
 _Rule = tuple[Callable[[Any], bool], str]
 _POSITIVE: _Rule = (_positive, "greater than 0")
 _RULES: dict[str, _Rule] = {
@@ -265,6 +313,7 @@ _RULES: dict[str, _Rule] = {
     "openai.max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
     "openai.voices": (lambda v: all(k and t for k, t in v.items()), "a table of non-empty voice names"),
     "auth.allowed_origins": (lambda v: all(v), "a list of origins such as 'https://chat.example.com' or '*'"),
+    "wyoming.listen": (_listen_ok, '"" (off) or [HOST:]PORT, such as "10200" or "0.0.0.0:10200"'),
 }
 
 

@@ -288,7 +288,10 @@ class SpeakdMetrics:
     def __init__(self) -> None:
         registry = self.registry = Registry()
         self.connections = registry.register(
-            Gauge("speakd_connections", "Open sessions: WebSocket connections and HTTP speech requests.")
+            Gauge(
+                "speakd_connections",
+                "Open sessions: WebSocket and Wyoming connections, HTTP speech requests.",
+            )
         )
         self.contexts = registry.register(Gauge("speakd_contexts", "Open synthesis contexts."))
         self.connections_total = registry.register(

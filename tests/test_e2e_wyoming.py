@@ -1,0 +1,267 @@
+"""The Wyoming door end to end: a real daemon, the `wyoming` package's own client replaying Home
+Assistant's sequences, and Whisper scoring what was said."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon import Daemon, client, transcribe, word_errors
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.info import Describe, Info
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeVoice,
+)
+
+from speakd.protocol import End, Start, Text
+
+pytestmark = pytest.mark.e2e
+
+WYOMING = re.compile(r"wyoming: listening on tcp://([\d.]+):(\d+)")
+SENTENCE = "The boy was there when the sun rose."
+# A reply as an LLM streams it to Home Assistant: a few words at a time.
+REPLY = (
+    "Sure, I turned off the kitchen lights. The living room lamp is still on, and the thermostat is set "
+    "to twenty degrees. Let me know if you want anything else."
+)
+LONG = " ".join([REPLY] * 6)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Daemon]:
+    config = """
+[limits]
+# Streams over two doors at once on purpose; admission has its own test.
+admission_headroom = 0
+"""
+    d = Daemon(tmp_path_factory.mktemp("wyoming"), model_cache, config, args=["--wyoming", "127.0.0.1:0"])
+    d.wait_ready()
+    yield d
+    assert d.stop() == 0, "".join(d.log)
+
+
+def wyoming_port(d: Daemon, timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in d.log:
+            if match := WYOMING.search(line):
+                return int(match.group(2))
+        time.sleep(0.1)
+    raise AssertionError("the daemon never said where Wyoming listens:\n" + "".join(d.log))
+
+
+@dataclass
+class Reply:
+    """What came back for one request, in order."""
+
+    types: list[str] = field(default_factory=list)
+    starts: list[AudioStart] = field(default_factory=list)
+    audio: bytearray = field(default_factory=bytearray)
+    errors: list[Error] = field(default_factory=list)
+    first_audio_at: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / 2 / self.starts[0].rate
+
+    def pcm(self) -> np.ndarray:
+        return np.frombuffer(bytes(self.audio), dtype=np.int16)
+
+
+async def collect(c: AsyncTcpClient, until: str, timeout_s: float = 120.0) -> Reply:
+    reply = Reply()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            event = await c.read_event()
+            assert event is not None, f"connection closed after {reply.types}"
+            reply.types.append(event.type)
+            if AudioStart.is_type(event.type):
+                reply.starts.append(AudioStart.from_event(event))
+            elif AudioChunk.is_type(event.type):
+                chunk = AudioChunk.from_event(event)
+                assert (chunk.rate, chunk.width, chunk.channels) == (24000, 2, 1)
+                if reply.first_audio_at is None:
+                    reply.first_audio_at = time.perf_counter()
+                reply.audio.extend(chunk.audio)
+            elif Error.is_type(event.type):
+                reply.errors.append(Error.from_event(event))
+            if event.type == until:
+                return reply
+
+
+def errors_in(text: str, reply: Reply) -> int:
+    errors, _ = word_errors(text, transcribe(reply.pcm(), reply.starts[0].rate))
+    return errors
+
+
+async def test_describe_lists_a_streaming_program_and_every_voice(daemon: Daemon) -> None:
+    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
+        await c.write_event(Describe().event())
+        event = await asyncio.wait_for(c.read_event(), 5)
+    assert event is not None and Info.is_type(event.type)
+    (program,) = Info.from_event(event).tts
+    assert program.installed and program.supports_synthesize_streaming
+    assert program.attribution.name and program.version and program.description
+    names = {voice.name for voice in program.voices}
+    assert "jf_gongitsune" in names and len(names) == 5
+    for voice in program.voices:
+        assert voice.installed and voice.attribution.url
+        assert voice.languages == ["en-US"]  # what the embedded voices speak with the English G2P
+
+
+async def test_describe_answers_within_a_second_under_load(daemon: Daemon) -> None:
+    async with client(daemon.url) as ws:  # a long reply keeps every stage busy meanwhile
+        await ws.send(Start(context="load"))
+        await ws.send(Text(context="load", text=LONG))
+        await ws.send(End(context="load"))
+        await asyncio.sleep(1.0)
+        port = wyoming_port(daemon)
+        for _ in range(3):
+            started = time.perf_counter()
+            async with AsyncTcpClient("127.0.0.1", port) as c:
+                await c.write_event(Describe().event())
+                event = await asyncio.wait_for(c.read_event(), 5)
+            assert event is not None and Info.is_type(event.type)
+            assert time.perf_counter() - started < 1.0
+        await ws.until_done("load")
+
+
+async def test_whole_text_synthesize_is_one_audio_stream(daemon: Daemon) -> None:
+    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
+        await c.write_event(Synthesize(text=SENTENCE, voice=SynthesizeVoice(name="jf_alpha")).event())
+        reply = await collect(c, AudioStop().event().type)
+    assert reply.types[0] == "audio-start" and reply.types[-1] == "audio-stop"
+    assert reply.types.count("audio-start") == 1 and not reply.errors
+    assert 1.0 < reply.seconds < 6.0
+    assert errors_in(SENTENCE, reply) <= 1
+
+
+async def test_unknown_voice_falls_back_to_the_default(daemon: Daemon) -> None:
+    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
+        await c.write_event(Synthesize(text=SENTENCE, voice=SynthesizeVoice(name="en_US-lessac")).event())
+        reply = await collect(c, "audio-stop")
+    assert not reply.errors and reply.seconds > 1.0
+
+
+async def test_a_streamed_reply_is_spoken_once_while_it_streams(daemon: Daemon) -> None:
+    """Home Assistant's sequence: start, chunks as the LLM writes, the whole text again as a plain
+    `synthesize` for servers that do not stream, then stop."""
+    port = wyoming_port(daemon)
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        await c.write_event(Synthesize(text=REPLY).event())
+        whole = await collect(c, "audio-stop")
+    words = REPLY.split(" ")
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        reader = asyncio.create_task(collect(c, SynthesizeStopped().event().type))
+        await c.write_event(SynthesizeStart(voice=SynthesizeVoice(name="jf_gongitsune")).event())
+        for i in range(0, len(words), 3):
+            await c.write_event(SynthesizeChunk(text=" ".join(words[i : i + 3]) + " ").event())
+            await asyncio.sleep(0.15)  # an LLM's pace: the first sentence is spoken meanwhile
+        await c.write_event(Synthesize(text=REPLY).event())
+        stop_sent = time.perf_counter()
+        await c.write_event(SynthesizeStop().event())
+        streamed = await reader
+    assert streamed.types[0] == "audio-start" and streamed.types.count("audio-start") == 1
+    assert streamed.types[-2:] == ["audio-stop", "synthesize-stopped"] and not streamed.errors
+    assert streamed.first_audio_at is not None and streamed.first_audio_at < stop_sent
+    # Spoken once: as long as the whole text spoken alone (not twice as long).
+    assert streamed.seconds == pytest.approx(whole.seconds, rel=0.15)
+    assert errors_in(REPLY, streamed) <= 4
+
+
+async def test_a_dropped_stream_cancels_its_work(daemon: Daemon) -> None:
+    port = wyoming_port(daemon)
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        await c.write_event(SynthesizeStart().event())
+        await c.write_event(SynthesizeChunk(text=LONG).event())
+        event = await asyncio.wait_for(c.read_event(), 30)  # audio is flowing
+        assert event is not None and event.type == "audio-start"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, metrics = daemon.get("/metrics")
+        if status == 200 and re.search(r"^speakd_contexts 0(\.0)?$", metrics, re.M):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("the dropped stream's context is still open:\n" + metrics)
+    async with AsyncTcpClient("127.0.0.1", port) as c:  # and the daemon serves the next one
+        await c.write_event(Synthesize(text=SENTENCE).event())
+        assert (await collect(c, "audio-stop")).seconds > 1.0
+
+
+async def test_events_without_data_and_unknown_events_are_taken_in_stride(daemon: Daemon) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", wyoming_port(daemon))
+    try:
+        writer.write(b'{"type": "ping-from-the-future", "data": {"x": 1}}\n')
+        writer.write(b'{"type": "transcript", "data_length": 14}\n{"text": "hi"}')
+        writer.write(b'{"type": "describe"}\n')  # no data block at all
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert b'"type": "info"' in line or b'"type":"info"' in line
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("garbage", "code"),
+    [
+        (b"this is not json\n", "bad_message"),
+        (b'{"type": "synthesize", "data_length": 999999999}\n', "message_too_large"),
+        (b'{"data": {}}\n', "bad_message"),
+        (b"{" + b"x" * 20000 + b"\n", "message_too_large"),
+    ],
+)
+async def test_malformed_events_get_an_error_and_a_closed_connection(
+    daemon: Daemon, garbage: bytes, code: str
+) -> None:
+    port = wyoming_port(daemon)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(garbage)  # raw bytes: the package's client would never write them
+        await writer.drain()
+        event = await asyncio.wait_for(async_read_event(reader), 5)
+        assert event is not None and Error.is_type(event.type), event
+        assert Error.from_event(event).code == code
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+    finally:
+        writer.close()
+    async with AsyncTcpClient("127.0.0.1", port) as c:  # the daemon is unharmed
+        await c.write_event(Describe().event())
+        assert Info.is_type((await asyncio.wait_for(c.read_event(), 5) or Event("none")).type)
+
+
+async def test_text_beyond_the_limit_gets_an_error(tmp_path: Path, model_cache: Path) -> None:
+    config = "[limits]\nmax_buffered_text_chars = 200\nadmission_headroom = 0\n"
+    d = Daemon(tmp_path, model_cache, config, args=["--wyoming", "0"])
+    try:
+        d.wait_ready()
+        async with AsyncTcpClient("127.0.0.1", wyoming_port(d)) as c:
+            await c.write_event(Synthesize(text=LONG).event())
+            event = await asyncio.wait_for(c.read_event(), 10)
+            assert event is not None and Error.is_type(event.type)
+            assert Error.from_event(event).code == "text_too_long"
+    finally:
+        assert d.stop() == 0, "".join(d.log)
+
+
+def test_a_remote_wyoming_address_needs_an_explicit_opt_in(tmp_path: Path, model_cache: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(RuntimeError, match="allow_remote"):
+        Daemon(tmp_path, model_cache, args=["--wyoming", f"0.0.0.0:{free}"])
