@@ -33,6 +33,7 @@ from speakd.server.frontends.auth import (
 from speakd.server.frontends.keys import CONFIG, LOADER, METRICS, STOP, loaded_core
 from speakd.server.frontends.websocket import Connection
 from speakd.server.frontends.wyoming_door import WyomingServer
+from speakd.server.frontends.wyoming_zeroconf import Announcement, announced_address, zeroconf_name
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.fair_queue import BatchLimits
 from speakd.server.pipeline.pipeline import Pipeline
@@ -118,16 +119,23 @@ async def _wyoming_context(app: web.Application) -> AsyncIterator[None]:
         )
     servers: list[WyomingServer] = []
 
+    announcements: list[Announcement] = []
+
     async def start() -> None:
         core = await asyncio.shield(app[LOADER])
         server = WyomingServer(core)
         servers.append(server)
         bound = await server.start(host, port)
         logger.info("wyoming: listening on tcp://%s:%d", host, bound)
+        if config.wyoming.zeroconf:
+            name = zeroconf_name(config.wyoming.zeroconf_name)
+            announcement = Announcement(name, announced_address(host), bound)
+            announcements.append(announcement)
+            await announcement.register()
 
     def stop_on_failure(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and load_error(app) is None:
-            logger.error("wyoming: cannot listen on %s:%d: %s", host, port, task.exception())
+            logger.error("wyoming: cannot listen or announce on %s:%d: %s", host, port, task.exception())
             app[STOP].set()
 
     starting = asyncio.create_task(start(), name="speakd-wyoming")
@@ -135,6 +143,8 @@ async def _wyoming_context(app: web.Application) -> AsyncIterator[None]:
     yield
     starting.cancel()
     await asyncio.gather(starting, return_exceptions=True)
+    for announcement in announcements:
+        await announcement.close()  # withdrawn first: Home Assistant stops offering a door that closes
     for server in servers:
         await server.close()
 

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="let the Wyoming port listen on a non-loopback address (Wyoming has no authentication)",
     )
+    serve.add_argument(
+        "--wyoming-zeroconf",
+        action="store_const",
+        const=True,
+        help="announce the Wyoming port over mDNS so Home Assistant discovers it (default: wyoming.zeroconf)",
+    )
     return parser
 
 
@@ -87,6 +93,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "auth.allow_unauthenticated": args.allow_unauthenticated,
         "wyoming.listen": args.wyoming,
         "wyoming.allow_remote": args.wyoming_allow_remote,
+        "wyoming.zeroconf": args.wyoming_zeroconf,
     }
 
 

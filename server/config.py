@@ -170,14 +170,25 @@ class WyomingSection:
 
     listen: str = ""  # "[HOST:]PORT"; the host defaults to 127.0.0.1
     allow_remote: bool = False
+    # Announce the door over mDNS (_wyoming._tcp.local.) so Home Assistant discovers it.
+    zeroconf: bool = False
+    zeroconf_name: str = ""  # the service name; "" = "speakd on <host name>"
 
     def __post_init__(self) -> None:
-        if self.listen and not self.allow_remote and not is_loopback(parse_listen(self.listen)[0]):
+        host = parse_listen(self.listen)[0] if self.listen else ""
+        if self.listen and not self.allow_remote and not is_loopback(host):
             raise ConfigError(
                 f"wyoming.listen {self.listen!r} is not a loopback address, and Wyoming has no "
                 "authentication: anyone who reaches the port can use it; set wyoming.allow_remote = true "
                 "(or --wyoming-allow-remote) to listen there anyway"
             )
+        if self.zeroconf and (not self.listen or is_loopback(host)):
+            raise ConfigError(
+                "wyoming.zeroconf announces the Wyoming door to the local network, so wyoming.listen must "
+                'be an address other hosts reach, such as "0.0.0.0:10200"'
+            )
+        if self.zeroconf and host not in ("0.0.0.0", "::") and ":" in host:
+            raise ConfigError(f"wyoming.zeroconf announces IPv4 addresses; {host} is IPv6")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Assistant's sequences, and Whisper scoring what was said."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import time
@@ -27,6 +28,7 @@ from wyoming.tts import (
     SynthesizeStopped,
     SynthesizeVoice,
 )
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from speakd.protocol import End, Start, Text
 
@@ -265,3 +267,39 @@ def test_a_remote_wyoming_address_needs_an_explicit_opt_in(tmp_path: Path, model
         free = probe.getsockname()[1]
     with pytest.raises(RuntimeError, match="allow_remote"):
         Daemon(tmp_path, model_cache, args=["--wyoming", f"0.0.0.0:{free}"])
+
+
+async def resolve(name: str, timeout_ms: int) -> AsyncServiceInfo | None:
+    """The announced `_wyoming._tcp` service `name`, asked for by a fresh mDNS client (no cache)."""
+    zeroconf = AsyncZeroconf()
+    try:
+        info = AsyncServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.")
+        return info if await info.async_request(zeroconf.zeroconf, timeout_ms) else None
+    finally:
+        await zeroconf.async_close()
+
+
+async def test_zeroconf_announces_a_reachable_address_and_withdraws_it(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    name = f"speakd-e2e-{os.getpid()}"
+    config = f'[limits]\nadmission_headroom = 0\n[wyoming]\nzeroconf = true\nzeroconf_name = "{name}"\n'
+    d = Daemon(tmp_path, model_cache, config, args=["--wyoming", "0.0.0.0:0", "--wyoming-allow-remote"])
+    try:
+        d.wait_ready()
+        port = wyoming_port(d)
+        assert any("not loopback" in line for line in d.log)  # the no-authentication warning
+        info = None
+        for _ in range(10):  # the announcement follows the listener
+            if info := await resolve(name, 1000):
+                break
+        assert info is not None, "".join(d.log)
+        addresses = [socket.inet_ntoa(address) for address in info.addresses]
+        assert info.port == port and addresses and "0.0.0.0" not in addresses
+        async with AsyncTcpClient(addresses[0], port) as c:  # Home Assistant can reach what it finds
+            await c.write_event(Describe().event())
+            event = await asyncio.wait_for(c.read_event(), 5)
+            assert event is not None and Info.is_type(event.type)
+    finally:
+        assert d.stop() == 0, "".join(d.log)
+    assert await resolve(name, 1500) is None  # withdrawn when the daemon stops

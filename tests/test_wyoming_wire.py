@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from speakd.server.config import load_config, parse_listen
 from speakd.server.errors import ConfigError
 from speakd.server.frontends.wyoming_door import bcp47
 from speakd.server.frontends.wyoming_wire import MAX_HEADER_BYTES, WyomingWireError, read_event
+from speakd.server.frontends.wyoming_zeroconf import announced_address
 
 
 def stream(data: bytes) -> asyncio.StreamReader:
@@ -77,6 +79,21 @@ def test_a_remote_wyoming_address_needs_allow_remote() -> None:
     assert config.wyoming.allow_remote
     with pytest.raises(ConfigError, match="HOST"):
         load_config(overrides={"wyoming.listen": "ten-two-hundred"})
+
+
+def test_zeroconf_needs_an_address_the_network_reaches() -> None:
+    for listen in ("", "10200", "127.0.0.1:10200"):
+        with pytest.raises(ConfigError, match="zeroconf"):
+            load_config(overrides={"wyoming.listen": listen, "wyoming.zeroconf": True})
+    remote = {"wyoming.listen": "0.0.0.0:10200", "wyoming.allow_remote": True, "wyoming.zeroconf": True}
+    assert load_config(overrides=remote).wyoming.zeroconf
+
+
+def test_the_announced_address_is_never_the_wildcard() -> None:
+    assert announced_address("192.0.2.7") == "192.0.2.7"
+    for wildcard in ("0.0.0.0", "::"):
+        address = announced_address(wildcard)
+        assert address != "0.0.0.0" and ipaddress.ip_address(address).version == 4
 
 
 def test_languages_as_home_assistant_names_them() -> None:
