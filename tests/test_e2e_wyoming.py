@@ -153,11 +153,44 @@ async def test_whole_text_synthesize_is_one_audio_stream(daemon: Daemon) -> None
     assert errors_in(SENTENCE, reply) <= 1
 
 
-async def test_unknown_voice_falls_back_to_the_default(daemon: Daemon) -> None:
-    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
-        await c.write_event(Synthesize(text=SENTENCE, voice=SynthesizeVoice(name="en_US-lessac")).event())
+def median_pitch_hz(pcm: np.ndarray, rate: int) -> float:
+    """The median F0 of the voiced 40 ms frames (autocorrelation peak between 70 and 400 Hz)."""
+    audio = pcm.astype(np.float32) / 32768.0
+    size, lo, hi = int(0.04 * rate), rate // 400, rate // 70
+    pitches = []
+    for start in range(0, len(audio) - size, size):
+        frame = audio[start : start + size] - audio[start : start + size].mean()
+        if np.sqrt(np.mean(frame**2)) < 0.02:
+            continue
+        corr = np.correlate(frame, frame, "full")[size - 1 :]
+        lag = lo + int(np.argmax(corr[lo:hi]))
+        if corr[lag] > 0.5 * corr[0]:
+            pitches.append(rate / lag)
+    assert len(pitches) > 10
+    return float(np.median(pitches))
+
+
+async def speak_with(port: int, voice: str | None) -> Reply:
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        named = SynthesizeVoice(name=voice) if voice else None
+        await c.write_event(Synthesize(text=SENTENCE, voice=named).event())
         reply = await collect(c, "audio-stop")
     assert not reply.errors and reply.seconds > 1.0
+    return reply
+
+
+async def test_the_voice_asked_for_is_the_voice_heard(daemon: Daemon) -> None:
+    port = wyoming_port(daemon)
+    female, male = await speak_with(port, "jf_alpha"), await speak_with(port, "jm_kumo")
+    assert median_pitch_hz(male.pcm(), 24000) < 0.8 * median_pitch_hz(female.pcm(), 24000)
+
+
+async def test_unknown_voice_falls_back_to_the_default(daemon: Daemon) -> None:
+    port = wyoming_port(daemon)
+    default = median_pitch_hz((await speak_with(port, "jf_gongitsune")).pcm(), 24000)
+    for voice in ("en_US-lessac-medium", None):  # another server's voice, or none at all
+        pitch = median_pitch_hz((await speak_with(port, voice)).pcm(), 24000)
+        assert pitch == pytest.approx(default, rel=0.03)  # jf_nezumi is 8 % lower, jf_alpha 10 % higher
 
 
 async def test_a_streamed_reply_is_spoken_once_while_it_streams(daemon: Daemon) -> None:
