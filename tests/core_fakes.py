@@ -78,6 +78,7 @@ class FakeBackend:
     engine: FakeEngine
     voices: VoiceBank
     model_id: str = "fake"
+    attribution: tuple[str, str] = ("speakd tests", "https://example.invalid/fake")
     sample_rate: int = SAMPLE_RATE
     languages: tuple[str, ...] = LANGUAGES
     max_batch: int = 1

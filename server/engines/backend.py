@@ -22,6 +22,11 @@ class SpeechBackend(Protocol):
         ...
 
     @property
+    def attribution(self) -> tuple[str, str]:
+        """Who made the model and where it comes from, (name, URL): for doors that credit it (Wyoming)."""
+        ...
+
+    @property
     def sample_rate(self) -> int:
         """Rate of the waveforms the last stage yields."""
         ...

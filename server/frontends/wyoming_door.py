@@ -44,7 +44,7 @@ from speakd.server.frontends.wyoming_wire import MAX_HEADER_BYTES, WyomingWireEr
 logger = logging.getLogger(__name__)
 
 PROGRAM = "speakd"
-PROGRAM_URL = "https://github.com/speakd/speakd"
+PROGRAM_URL = ""  # no public home yet: an empty URL rather than a made-up one
 VERSION = "0.1.0"
 SAMPLE_WIDTH = 2  # s16le
 CHANNELS = 1
@@ -62,11 +62,11 @@ def bcp47(lang: str) -> str:
 def describe_info(core: SynthesisCore) -> Info:
     """One TTS program with every voice of the model and the language each really speaks."""
     backend = core.backend
-    kokoro = Attribution(name="hexgrad (Kokoro-82M)", url="https://huggingface.co/hexgrad/Kokoro-82M")
+    model = Attribution(*backend.attribution)
     voices = [
         TtsVoice(
             name=name,
-            attribution=kokoro,
+            attribution=model,
             installed=True,
             description=f"{name} ({bcp47(backend.language_for(name))})",
             version=None,

@@ -63,6 +63,7 @@ class Speech:
         return speech
 
     model_id = "kokoro"
+    attribution = ("hexgrad (Kokoro-82M)", "https://huggingface.co/hexgrad/Kokoro-82M")
     sample_rate = SAMPLE_RATE
     languages = LANGUAGES
 
