@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -40,18 +39,6 @@ from bench_listeners import REPLIES, first_sentence_end, llm_tokens, paragraphs,
 from daemon import Daemon
 
 from speakd.server.config import default_cache_dir
-
-WYOMING = re.compile(r"wyoming: listening on tcp://[\d.]+:(\d+)")
-
-
-def wyoming_port(daemon: Daemon) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in daemon.log:
-            if match := WYOMING.search(line):
-                return int(match.group(1))
-        time.sleep(0.1)
-    raise RuntimeError("the daemon never said where Wyoming listens")
 
 
 async def wyoming_reply(
@@ -115,7 +102,7 @@ async def websocket_reply(url: str, tokens: list[str], mark: int, interval_s: fl
 
 
 async def run(daemon: Daemon, replies: list[str], interval_s: float) -> dict[str, Any]:
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     results: dict[str, list[dict[str, float]]] = {"wyoming": [], "websocket": []}
     await websocket_reply(daemon.url, llm_tokens(replies[0])[:8], 0, 0.0)  # warm-up
     for index, reply in enumerate(replies):

@@ -39,6 +39,7 @@ from speakd.protocol import (
 from speakd.protocol.messages import ClientMessage
 
 LISTENING = re.compile(r"listening on ws://([^:/]+):(\d+)/v1/stream")
+WYOMING_LISTENING = re.compile(r"wyoming: listening on tcp://[\d.]+:(\d+)")
 
 
 class Daemon:
@@ -96,6 +97,16 @@ class Daemon:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def wyoming_port(self, timeout: float = 30.0) -> int:
+        """The Wyoming door's port, from the log (it listens once the model is ready)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log:
+                if match := WYOMING_LISTENING.search(line):
+                    return int(match.group(1))
+            time.sleep(0.1)
+        raise RuntimeError("the daemon never said where Wyoming listens:\n" + "".join(self.log))
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -34,7 +34,6 @@ from speakd.protocol import End, Start, Text
 
 pytestmark = pytest.mark.e2e
 
-WYOMING = re.compile(r"wyoming: listening on tcp://([\d.]+):(\d+)")
 SENTENCE = "The boy was there when the sun rose."
 # A reply as an LLM streams it to Home Assistant: a few words at a time.
 REPLY = (
@@ -55,16 +54,6 @@ admission_headroom = 0
     d.wait_ready()
     yield d
     assert d.stop() == 0, "".join(d.log)
-
-
-def wyoming_port(d: Daemon, timeout_s: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in d.log:
-            if match := WYOMING.search(line):
-                return int(match.group(2))
-        time.sleep(0.1)
-    raise AssertionError("the daemon never said where Wyoming listens:\n" + "".join(d.log))
 
 
 @dataclass
@@ -112,7 +101,7 @@ def errors_in(text: str, reply: Reply) -> int:
 
 
 async def test_describe_lists_a_streaming_program_and_every_voice(daemon: Daemon) -> None:
-    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
+    async with AsyncTcpClient("127.0.0.1", daemon.wyoming_port()) as c:
         await c.write_event(Describe().event())
         event = await asyncio.wait_for(c.read_event(), 5)
     assert event is not None and Info.is_type(event.type)
@@ -132,7 +121,7 @@ async def test_describe_answers_within_a_second_under_load(daemon: Daemon) -> No
         await ws.send(Text(context="load", text=LONG))
         await ws.send(End(context="load"))
         await asyncio.sleep(1.0)
-        port = wyoming_port(daemon)
+        port = daemon.wyoming_port()
         for _ in range(3):
             started = time.perf_counter()
             async with AsyncTcpClient("127.0.0.1", port) as c:
@@ -144,7 +133,7 @@ async def test_describe_answers_within_a_second_under_load(daemon: Daemon) -> No
 
 
 async def test_whole_text_synthesize_is_one_audio_stream(daemon: Daemon) -> None:
-    async with AsyncTcpClient("127.0.0.1", wyoming_port(daemon)) as c:
+    async with AsyncTcpClient("127.0.0.1", daemon.wyoming_port()) as c:
         await c.write_event(Synthesize(text=SENTENCE, voice=SynthesizeVoice(name="jf_alpha")).event())
         reply = await collect(c, AudioStop().event().type)
     assert reply.types[0] == "audio-start" and reply.types[-1] == "audio-stop"
@@ -180,13 +169,13 @@ async def speak_with(port: int, voice: str | None) -> Reply:
 
 
 async def test_the_voice_asked_for_is_the_voice_heard(daemon: Daemon) -> None:
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     female, male = await speak_with(port, "jf_alpha"), await speak_with(port, "jm_kumo")
     assert median_pitch_hz(male.pcm(), 24000) < 0.8 * median_pitch_hz(female.pcm(), 24000)
 
 
 async def test_unknown_voice_falls_back_to_the_default(daemon: Daemon) -> None:
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     default = median_pitch_hz((await speak_with(port, "jf_gongitsune")).pcm(), 24000)
     for voice in ("en_US-lessac-medium", None):  # another server's voice, or none at all
         pitch = median_pitch_hz((await speak_with(port, voice)).pcm(), 24000)
@@ -196,7 +185,7 @@ async def test_unknown_voice_falls_back_to_the_default(daemon: Daemon) -> None:
 async def test_a_streamed_reply_is_spoken_once_while_it_streams(daemon: Daemon) -> None:
     """Home Assistant's sequence: start, chunks as the LLM writes, the whole text again as a plain
     `synthesize` for servers that do not stream, then stop."""
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     async with AsyncTcpClient("127.0.0.1", port) as c:
         await c.write_event(Synthesize(text=REPLY).event())
         whole = await collect(c, "audio-stop")
@@ -220,7 +209,7 @@ async def test_a_streamed_reply_is_spoken_once_while_it_streams(daemon: Daemon) 
 
 
 async def test_a_dropped_stream_cancels_its_work(daemon: Daemon) -> None:
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     async with AsyncTcpClient("127.0.0.1", port) as c:
         await c.write_event(SynthesizeStart().event())
         await c.write_event(SynthesizeChunk(text=LONG).event())
@@ -240,7 +229,7 @@ async def test_a_dropped_stream_cancels_its_work(daemon: Daemon) -> None:
 
 
 async def test_events_without_data_and_unknown_events_are_taken_in_stride(daemon: Daemon) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", wyoming_port(daemon))
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.wyoming_port())
     try:
         writer.write(b'{"type": "ping-from-the-future", "data": {"x": 1}}\n')
         writer.write(b'{"type": "transcript", "data_length": 14}\n{"text": "hi"}')
@@ -264,7 +253,7 @@ async def test_events_without_data_and_unknown_events_are_taken_in_stride(daemon
 async def test_malformed_events_get_an_error_and_a_closed_connection(
     daemon: Daemon, garbage: bytes, code: str
 ) -> None:
-    port = wyoming_port(daemon)
+    port = daemon.wyoming_port()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(garbage)  # raw bytes: the package's client would never write them
@@ -285,7 +274,7 @@ async def test_text_beyond_the_limit_gets_an_error(tmp_path: Path, model_cache: 
     d = Daemon(tmp_path, model_cache, config, args=["--wyoming", "0"])
     try:
         d.wait_ready()
-        async with AsyncTcpClient("127.0.0.1", wyoming_port(d)) as c:
+        async with AsyncTcpClient("127.0.0.1", d.wyoming_port()) as c:
             await c.write_event(Synthesize(text=LONG).event())
             event = await asyncio.wait_for(c.read_event(), 10)
             assert event is not None and Error.is_type(event.type)
@@ -320,7 +309,7 @@ async def test_zeroconf_announces_a_reachable_address_and_withdraws_it(
     d = Daemon(tmp_path, model_cache, config, args=["--wyoming", "0.0.0.0:0", "--wyoming-allow-remote"])
     try:
         d.wait_ready()
-        port = wyoming_port(d)
+        port = d.wyoming_port()
         assert any("not loopback" in line for line in d.log)  # the no-authentication warning
         info = None
         for _ in range(10):  # the announcement follows the listener
