@@ -21,6 +21,7 @@ from speakd.protocol import (
     SAMPLE_RATES,
     AudioCodec,
     Started,
+    WordTiming,
 )
 
 from .connection import DEFAULT_URL, Connection
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, metavar="FILE.wav", help="write a 16-bit mono WAV instead of playing"
     )
     parser.add_argument("--quiet", action="store_true", help="do not print the timing summary")
+    parser.add_argument(
+        "--words",
+        action="store_true",
+        help="print each word to stdout as it is played: start and end (s on the audio timeline), word",
+    )
     return parser
 
 
@@ -91,9 +97,15 @@ async def _run(args: argparse.Namespace) -> SpeechReport:
                 speed=args.speed,
                 codec=args.codec,
                 sample_rate=args.sample_rate,
+                on_word=_print_word if args.words else None,
             )
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+
+
+def _print_word(word: WordTiming) -> None:
+    """One line per word, tab-separated so scripts can cut it: start s, end s, the word."""
+    print(f"{word.start_ms / 1000:.3f}\t{word.end_ms / 1000:.3f}\t{word.word}", flush=True)
 
 
 def _summary(report: SpeechReport) -> str:

@@ -39,6 +39,7 @@ from speakd.protocol import (
     Start,
     Started,
     Text,
+    Words,
     decode_server,
     encode,
 )
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}{PATH}"
 
-ContextMessage: TypeAlias = Segment | Audio | Done
+ContextMessage: TypeAlias = Segment | Words | Audio | Done
 """What iterating a connection yields; errors are raised as `ServerError` instead."""
 
 
@@ -113,8 +114,11 @@ class Connection:
         codec: AudioCodec = DEFAULT_CODEC,
         sample_rate: int = DEFAULT_SAMPLE_RATE,
         frame_ms: int = DEFAULT_FRAME_MS,
+        words: bool = False,
     ) -> Started:
-        """Open the context and return the settings in force (the decoder needs them)."""
+        """Open the context and return the settings in force (the decoder needs them). With `words`
+        the server times every word (`words` messages); `Started.words` says whether it will (a
+        server older than protocol 1.1 leaves it False)."""
         await self._send(
             Start(
                 context=self.context,
@@ -124,6 +128,7 @@ class Connection:
                 codec=codec,
                 sample_rate=sample_rate,
                 frame_ms=frame_ms,
+                words=words,
             )
         )
         msg = await self._receive()
@@ -167,7 +172,7 @@ class Connection:
         except ConnectionClosed as exc:
             raise StreamError(f"connection to {self.url} closed: {exc}") from exc
 
-    async def _receive(self) -> Started | Segment | Audio | Done:
+    async def _receive(self) -> Started | Segment | Words | Audio | Done:
         """Next message for our context; errors that concern us are raised, other contexts skipped."""
         while True:
             msg = await self._receive_any()

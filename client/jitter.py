@@ -30,6 +30,7 @@ class JitterBuffer:
         self._playing = False
         self._finished = False
         self._underruns = 0
+        self._played = 0
         self._lock = threading.Lock()
         # Coroutines waiting for the reader to make progress (space freed, queue emptied).
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -39,6 +40,13 @@ class JitterBuffer:
         """Times playback ran dry before the end of the stream and had to pre-buffer again."""
         with self._lock:
             return self._underruns
+
+    @property
+    def played(self) -> int:
+        """Samples of the stream handed to the reader so far (the silence of underruns not counted):
+        where in the stream playback is, give or take the device's own latency."""
+        with self._lock:
+            return self._played
 
     @property
     def buffered(self) -> int:
@@ -79,6 +87,7 @@ class JitterBuffer:
                 self._playing = True
             taken = min(frames, self._size) if self._playing else 0
             self._read_locked(out[:taken])
+            self._played += taken
             if self._playing and taken < frames:
                 self._playing = False
                 if not self._finished:

@@ -25,6 +25,7 @@ class Player:
     """Plays int16 mono PCM on the default output device as it is written; `drain` waits for the end."""
 
     def __init__(self, sample_rate: int, *, prebuffer_ms: int = 100, capacity_s: float = 30.0) -> None:
+        self._sample_rate = sample_rate
         self._buffer = JitterBuffer(sample_rate, prebuffer_ms=prebuffer_ms, capacity_s=capacity_s)
         self._stream = _open_output_stream(sample_rate, self._callback)
         self._closed = False
@@ -33,6 +34,11 @@ class Player:
     def underruns(self) -> int:
         """Times playback ran dry mid-stream (the network or the synthesizer fell behind)."""
         return self._buffer.underruns
+
+    @property
+    def position_s(self) -> float:
+        """Seconds of the stream heard so far: handed to PortAudio, less what its buffers still hold."""
+        return max(0.0, self._buffer.played / self._sample_rate - float(self._stream.latency))
 
     async def write(self, pcm: npt.NDArray[np.int16]) -> None:
         """Queue audio; waits while the buffer is full instead of dropping anything."""

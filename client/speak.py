@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from speakd.protocol import Audio, AudioCodec, Done, DoneReason, Segment, Started
+from speakd.protocol import Audio, AudioCodec, Done, DoneReason, Segment, Started, Words, WordTiming
 
 from .connection import Connection
 from .decoder import AudioDecoder
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 2.0
 """How long an interrupted run waits for the server's `done` before hanging up anyway."""
+WORD_POLL_S = 0.02
+"""How often the playback position is checked for words reached (one audio frame)."""
 
 
 class AudioSink(Protocol):
@@ -44,6 +47,10 @@ class AudioSink(Protocol):
     def underruns(self) -> int | None:
         """Times live playback ran dry mid-stream; None for sinks that cannot run dry (files)."""
 
+    @property
+    def position_s(self) -> float:
+        """Seconds of the stream played so far (a file: written so far)."""
+
 
 @dataclass(slots=True)
 class SpeechReport:
@@ -58,6 +65,7 @@ class SpeechReport:
     ended_at: float | None = None
     interrupted: bool = False
     underruns: int | None = None
+    words_heard: list[WordTiming] = field(default_factory=list)
 
     @property
     def time_to_first_audio_ms(self) -> float | None:
@@ -95,29 +103,75 @@ async def speak(
     speed: float,
     codec: AudioCodec,
     sample_rate: int,
+    on_word: Callable[[WordTiming], None] | None = None,
 ) -> SpeechReport:
     """Speak `text` on a new context of `conn`; setting `stop` cancels it (the report says `interrupted`).
 
     The sink is opened once the server has accepted the context (so a rejected `start` leaves no empty
-    file behind) and is closed before returning.
+    file behind) and is closed before returning. With `on_word`, the server times every word and
+    `on_word` hears of each as playback reaches it; words never played (after a stop) are never
+    announced, so `report.words_heard` is what the listener actually heard.
     """
     report = SpeechReport(began_at=time.monotonic())
-    started = await conn.start(voice=voice, lang=lang, speed=speed, codec=codec, sample_rate=sample_rate)
+    started = await conn.start(
+        voice=voice, lang=lang, speed=speed, codec=codec, sample_rate=sample_rate, words=on_word is not None
+    )
+    if on_word is not None and not started.words:
+        logger.warning("the server does not time words (it predates protocol 1.1)")
     report.sample_rate = started.sample_rate
     decoder = AudioDecoder(started)
     sink = open_sink(started)
+    timeline = _WordTimeline(sink, on_word, report)
+    announcer = asyncio.create_task(timeline.run())
     try:
-        if not await _stream(conn, text, decoder, sink, stop, report):
+        if not await _stream(conn, text, decoder, sink, stop, report, timeline):
             report.interrupted = True
             sink.close()
             await _cancel(conn)
         elif not await _drain(sink, stop):
             report.interrupted = True  # the context is done already; only playback needs stopping
+        else:
+            timeline.announce()  # the last words, reached as the drain finished
     finally:
+        announcer.cancel()
+        await asyncio.gather(announcer, return_exceptions=True)
         report.underruns = sink.underruns
         sink.close()
     report.ended_at = time.monotonic()
     return report
+
+
+class _WordTimeline:
+    """Words received, announced as playback reaches each one's start."""
+
+    def __init__(
+        self, sink: AudioSink, on_word: Callable[[WordTiming], None] | None, report: SpeechReport
+    ) -> None:
+        self._sink = sink
+        self._on_word = on_word
+        self._report = report
+        self._pending: deque[WordTiming] = deque()
+
+    def add(self, words: Words) -> None:
+        if self._on_word is not None:
+            self._pending.extend(words.words)
+
+    def announce(self) -> None:
+        """Announce every pending word whose start playback has reached."""
+        assert self._on_word is not None or not self._pending
+        position_ms = self._sink.position_s * 1000.0
+        while self._pending and self._pending[0].start_ms <= position_ms:
+            word = self._pending.popleft()
+            self._report.words_heard.append(word)
+            if self._on_word is not None:
+                self._on_word(word)
+
+    async def run(self) -> None:
+        if self._on_word is None:
+            return
+        while True:
+            self.announce()
+            await asyncio.sleep(WORD_POLL_S)
 
 
 async def _stream(
@@ -127,10 +181,11 @@ async def _stream(
     sink: AudioSink,
     stop: asyncio.Event,
     report: SpeechReport,
+    timeline: _WordTimeline,
 ) -> bool:
     """Send text and play audio concurrently until `done` (True) or `stop` (False)."""
     sender = asyncio.create_task(_send(conn, text, report))
-    receiver = asyncio.create_task(_receive(conn, decoder, sink, report))
+    receiver = asyncio.create_task(_receive(conn, decoder, sink, report, timeline))
     stopped = asyncio.create_task(stop.wait())
     try:
         return await _race(sender, receiver, stopped)
@@ -179,7 +234,9 @@ async def _send(conn: Connection, text: AsyncIterator[str], report: SpeechReport
     await conn.end()
 
 
-async def _receive(conn: Connection, decoder: AudioDecoder, sink: AudioSink, report: SpeechReport) -> None:
+async def _receive(
+    conn: Connection, decoder: AudioDecoder, sink: AudioSink, report: SpeechReport, timeline: _WordTimeline
+) -> None:
     async for msg in conn:
         if isinstance(msg, Audio):
             if report.first_audio_at is None:
@@ -189,6 +246,8 @@ async def _receive(conn: Connection, decoder: AudioDecoder, sink: AudioSink, rep
             await sink.write(pcm)
         elif isinstance(msg, Segment):
             logger.info("segment %d: %s", msg.segment, msg.text)
+        elif isinstance(msg, Words):
+            timeline.add(msg)
         elif isinstance(msg, Done):
             report.done_at = time.monotonic()
             if msg.reason is not DoneReason.END:

@@ -17,11 +17,19 @@ class WavWriter:
         self._wav.setnchannels(1)
         self._wav.setsampwidth(2)
         self._wav.setframerate(sample_rate)
+        self._sample_rate = sample_rate
+        self._written = 0
         self._closed = False
 
     async def write(self, pcm: npt.NDArray[np.int16]) -> None:
         """Append samples (little-endian, as WAV requires)."""
         self._wav.writeframes(pcm.astype("<i2").tobytes())
+        self._written += len(pcm)
+
+    @property
+    def position_s(self) -> float:
+        """Seconds of the stream in the file so far: a file "plays" as fast as it is written."""
+        return self._written / self._sample_rate
 
     async def drain(self) -> None:
         """Nothing is queued: every write went straight to the file."""

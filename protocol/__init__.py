@@ -17,6 +17,7 @@ from .messages import (
     MAX_SPEED,
     MIN_SPEED,
     PATH,
+    PROTOCOL_VERSION,
     SAMPLE_RATES,
     Audio,
     AudioCodec,
@@ -33,6 +34,8 @@ from .messages import (
     Start,
     Started,
     Text,
+    Words,
+    WordTiming,
 )
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "MAX_SPEED",
     "MIN_SPEED",
     "PATH",
+    "PROTOCOL_VERSION",
     "SAMPLE_RATES",
     "TEXT_FRAME_MESSAGE",
     "Audio",
@@ -69,6 +73,8 @@ __all__ = [
     "Start",
     "Started",
     "Text",
+    "WordTiming",
+    "Words",
     "decode_client",
     "decode_server",
     "encode",

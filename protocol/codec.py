@@ -40,21 +40,34 @@ from .messages import (
     Start,
     Started,
     Text,
+    Words,
+    WordTiming,
 )
 
-# A v1 message has under a dozen keys and no arrays; these caps leave room for extension fields
-# while stopping a small frame from declaring huge containers.
+# A v1 message has under a dozen keys; its one array (`words`) holds a segment's words, fewer than one
+# per two of the model's 510 phonemes. These caps leave room for extension fields while stopping a
+# small frame from declaring huge containers.
 _MAX_CONTAINER_LEN = 1024
 
 M = TypeVar("M", bound=Message)
+
+
+def _wire(value: object) -> object:
+    """A field's value as msgpack takes it: enums by value, nested records as maps, tuples as arrays."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_wire(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _wire(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    return value
 
 
 def encode(msg: Message) -> bytes:
     """One msgpack map: `type` first, then every field in declaration order (None as nil)."""
     body: dict[str, object] = {"type": msg.type}
     for field in dataclasses.fields(msg):
-        value = getattr(msg, field.name)
-        body[field.name] = value.value if isinstance(value, Enum) else value
+        body[field.name] = _wire(getattr(msg, field.name))
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -119,6 +132,7 @@ def _start(f: Fields) -> Start:
         codec=f.choice("codec", AudioCodec, DEFAULT_CODEC),
         sample_rate=f.integer("sample_rate", DEFAULT_SAMPLE_RATE, allowed=SAMPLE_RATES),
         frame_ms=f.integer("frame_ms", DEFAULT_FRAME_MS, allowed=FRAME_DURATIONS_MS),
+        words=f.boolean("words", False),
     )
 
 
@@ -147,6 +161,8 @@ def _started(f: Fields) -> Started:
         channels=f.integer("channels", allowed=(CHANNELS,)),
         frame_ms=f.integer("frame_ms", allowed=FRAME_DURATIONS_MS),
         pre_skip=f.integer("pre_skip"),
+        # Added in 1.1: a server from before leaves it out, and sends no `words`.
+        words=f.boolean("words", False),
     )
 
 
@@ -157,6 +173,20 @@ def _segment(f: Fields) -> Segment:
         text=f.string("text"),
         start_ms=f.number("start_ms"),
     )
+
+
+def _word(f: Fields) -> WordTiming:
+    return WordTiming(
+        word=f.string("word"),
+        start_ms=f.number("start_ms"),
+        end_ms=f.number("end_ms"),
+        char_start=f.integer("char_start"),
+        char_end=f.integer("char_end"),
+    )
+
+
+def _words(f: Fields) -> Words:
+    return Words(context=f.context(), segment=f.integer("segment"), words=tuple(f.records("words", _word)))
 
 
 def _audio(f: Fields) -> Audio:
@@ -198,6 +228,7 @@ _CLIENT_BUILDERS: dict[str, Callable[[Fields], ClientMessage]] = {
 _SERVER_BUILDERS: dict[str, Callable[[Fields], ServerMessage]] = {
     Started.type: _started,
     Segment.type: _segment,
+    Words.type: _words,
     Audio.type: _audio,
     Done.type: _done,
     Error.type: _error,

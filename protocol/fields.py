@@ -5,8 +5,10 @@ Wrong types are `bad_message` (the sender is broken); well-typed values outside 
 newer peers may add fields without breaking older ones.
 """
 
+from __future__ import annotations
+
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum, StrEnum
 from typing import TypeGuard, TypeVar
 
@@ -14,6 +16,7 @@ from .errors import ErrorCode, ProtocolError
 from .messages import DEFAULT_CONTEXT, MAX_CONTEXT_ID_LENGTH
 
 E = TypeVar("E", bound=StrEnum)
+T = TypeVar("T")
 
 
 class Required(Enum):
@@ -143,6 +146,29 @@ class Fields:
             bounds = f"at least {minimum}" if maximum == math.inf else f"between {minimum} and {maximum}"
             raise self._invalid(name, f"must be {bounds}, got {value}")
         return number
+
+    def boolean(self, name: str, default: bool | Required = REQUIRED) -> bool:
+        """A msgpack bool; 0 and 1 are not booleans on the wire."""
+        value = self._raw.get(name, default)
+        if value is REQUIRED:
+            raise self._missing(name)
+        if not isinstance(value, bool):
+            raise self._bad(name, "a boolean", value)
+        return value
+
+    def records(self, name: str, build: Callable[[Fields], T]) -> list[T]:
+        """An array of maps, each checked by `build`; errors name the item (`words[3].start_ms`)."""
+        value = self._raw.get(name, REQUIRED)
+        if value is REQUIRED:
+            raise self._missing(name)
+        if not isinstance(value, list):
+            raise self._bad(name, "an array", value)
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or not all(isinstance(key, str) for key in item):
+                raise self._bad(f"{name}[{i}]", "a map with string keys", item)
+            out.append(build(Fields(item, f"{self.kind}.{name}[{i}]", self.address)))
+        return out
 
     def binary(self, name: str) -> bytes:
         """A msgpack bin; a str is refused so audio never passes through a text codec."""

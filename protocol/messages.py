@@ -11,6 +11,8 @@ from typing import ClassVar, TypeAlias
 from .errors import ErrorCode
 
 PATH = "/v1/stream"
+# Minor versions only add: fields an older peer ignores and messages sent only when asked for.
+PROTOCOL_VERSION = "1.1"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
@@ -62,6 +64,7 @@ class Start:
     codec: AudioCodec = DEFAULT_CODEC
     sample_rate: int = DEFAULT_SAMPLE_RATE
     frame_ms: int = DEFAULT_FRAME_MS
+    words: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +115,7 @@ class Started:
     channels: int = CHANNELS
     frame_ms: int = DEFAULT_FRAME_MS
     pre_skip: int = 0
+    words: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +127,30 @@ class Segment:
     segment: int
     text: str
     start_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WordTiming:
+    """One spoken word: when it is heard (ms on the context's audio timeline, the clock of
+    `Segment.start_ms`) and where it is in the text (code points from the start of all the text sent
+    to the context, end exclusive). Not a message: `Words` carries a list of them."""
+
+    word: str
+    start_ms: float
+    end_ms: float
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Words:
+    """The timing of every word a segment speaks; sent after its `Segment`, before its first `Audio`,
+    to contexts started with `words=True` (protocol 1.1)."""
+
+    type: ClassVar[str] = "words"
+    context: str = DEFAULT_CONTEXT
+    segment: int
+    words: tuple[WordTiming, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,5 +189,5 @@ class Error:
 
 
 ClientMessage: TypeAlias = Start | Text | Flush | End | Cancel
-ServerMessage: TypeAlias = Started | Segment | Audio | Done | Error
+ServerMessage: TypeAlias = Started | Segment | Words | Audio | Done | Error
 Message: TypeAlias = ClientMessage | ServerMessage

@@ -106,9 +106,9 @@ class RecordingPipeline(Pipeline):
         if all(seen is not job for seen in self.jobs):
             self.jobs.append(job)
 
-    def submit(self, job: Job, text: str) -> None:
+    def submit(self, job: Job, text: str, offset: int = 0) -> None:
         self._saw(job)
-        super().submit(job, text)
+        super().submit(job, text, offset)
 
     def end(self, job: Job) -> None:
         self._saw(job)

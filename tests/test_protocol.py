@@ -109,7 +109,7 @@ def test_every_message_type_is_covered_and_tags_are_unique() -> None:
 
 def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
     raw = msgpack.unpackb(encode(Start(context="a")), raw=False)
-    assert list(raw) == ["type", "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms"]
+    assert list(raw) == ["type", "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms", "words"]
     assert raw == {
         "type": "start",
         "context": "a",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from speakd.protocol import DoneReason, ErrorCode
+from speakd.protocol import DoneReason, ErrorCode, WordTiming
 
 if TYPE_CHECKING:
     from speakd.server.core.utterance import Utterance
@@ -22,6 +22,16 @@ class SegmentStarted:
     index: int
     text: str
     start_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentWords:
+    """The timing of the segment just started, for utterances opened with `words`: follows its
+    `SegmentStarted`, precedes its audio. Times are on the utterance's audio timeline (ms), and
+    character spans count from the start of all the text fed to the utterance."""
+
+    segment: int
+    words: tuple[WordTiming, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +63,7 @@ class Finished:
     segments: int
 
 
-Event = SegmentStarted | AudioChunk | Failed | Finished
+Event = SegmentStarted | SegmentWords | AudioChunk | Failed | Finished
 
 
 class EventSink(Protocol):

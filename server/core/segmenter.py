@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import re
 import unicodedata
+from dataclasses import dataclass
 
 _NEWLINES = frozenset("\n\r\v\f\x85\u2028\u2029")
 _CJK_TERMINATORS = frozenset("。！？｡")
@@ -103,6 +104,15 @@ def _period_rule(token: str, at_segment_start: bool) -> _NextWord | bool | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A segment and where it starts in all the text the context was fed (code points), so word
+    positions can point into the client's own text."""
+
+    text: str
+    offset: int
+
+
 class Segmenter:
     """Per-context incremental segmenter; feed it fragments, get back segments as soon as they are safe."""
 
@@ -117,6 +127,7 @@ class Segmenter:
         self._start = 0  # first character of the pending segment
         self._pos = 0  # next position whose "does a segment end right after it?" question is open
         self._first = True  # no segment emitted yet in this context
+        self._dropped = 0  # characters already cut off the front of `_buf`
 
     @property
     def buffered_chars(self) -> int:
@@ -125,23 +136,33 @@ class Segmenter:
 
     def feed(self, text: str) -> list[str]:
         """Add a fragment; return the segments it completed."""
+        return [segment.text for segment in self.feed_located(text)]
+
+    def flush(self) -> list[str]:
+        """Release everything buffered; the first-clause rule stays spent for the rest of the context."""
+        return [segment.text for segment in self.flush_located()]
+
+    def feed_located(self, text: str) -> list[Located]:
+        """`feed`, with where each segment starts in the context's text."""
         self._buf += text
         out = self._scan(final=False)
         self._buf = self._buf[self._start :]
+        self._dropped += self._start
         self._pos -= self._start
         self._start = 0
         return out
 
-    def flush(self) -> list[str]:
-        """Release everything buffered; the first-clause rule stays spent for the rest of the context."""
+    def flush_located(self) -> list[Located]:
+        """`flush`, with where each segment starts in the context's text."""
         out = self._scan(final=True)
         self._cut(len(self._buf), out)
+        self._dropped += len(self._buf)
         self._buf = ""
         self._start = self._pos = 0
         return out
 
-    def _scan(self, *, final: bool) -> list[str]:
-        out: list[str] = []
+    def _scan(self, *, final: bool) -> list[Located]:
+        out: list[Located] = []
         buf = self._buf
         p = self._pos
         while p < len(buf):
@@ -160,15 +181,17 @@ class Segmenter:
         self._pos = p
         return out
 
-    def _cut(self, end: int, out: list[str]) -> int:
-        segment = self._buf[self._start : end].strip()
+    def _cut(self, end: int, out: list[Located]) -> int:
+        raw = self._buf[self._start : end]
+        segment = raw.strip()
         if any(ch.isalnum() for ch in segment):
-            out.append(segment)
+            lead = len(raw) - len(raw.lstrip())
+            out.append(Located(segment, self._dropped + self._start + lead))
             self._first = False
         self._start = end
         return end
 
-    def _force_cut(self, p: int, out: list[str]) -> int:
+    def _force_cut(self, p: int, out: list[Located]) -> int:
         """Cut a segment that reached max_chars, using only ``buf[start : p + 1]``."""
         buf, start = self._buf, self._start
         for j in range(p - 1, start - 1, -1):

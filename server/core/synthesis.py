@@ -173,9 +173,11 @@ class Session:
         speed: float,
         encoder: Callable[[], AudioEncoder],
         sample_rate: int,
+        words: bool = False,
     ) -> Utterance:
         """Open utterance `name` after checking everything it asks for; `encoder` is called last, so
-        a refused request never builds one. In queue mode, an utterance without a place yet opens
+        a refused request never builds one. With `words`, each segment's word timing comes before
+        its audio (`SegmentWords`). In queue mode, an utterance without a place yet opens
         `queued`: it takes text at once and synthesizes it once admitted (or gets `overloaded`)."""
         if self._core.closing or self.closed:
             raise RequestRefused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; no new contexts", name)
@@ -211,6 +213,7 @@ class Session:
             metrics=self._core.metrics,
             on_closed=self._forget,
             queued=queued,
+            words=words,
         )
         self._utterances[name] = utterance
         self._idle.clear()

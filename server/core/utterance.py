@@ -11,11 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from speakd.protocol import DoneReason, ErrorCode
+from speakd.protocol import DoneReason, ErrorCode, WordTiming
 from speakd.server.audio.encoders import Frame
 from speakd.server.core.errors import RequestRefused
-from speakd.server.core.events import AudioChunk, Event, EventSink, Failed, Finished, SegmentStarted
-from speakd.server.core.segmenter import Segmenter
+from speakd.server.core.events import (
+    AudioChunk,
+    Event,
+    EventSink,
+    Failed,
+    Finished,
+    SegmentStarted,
+    SegmentWords,
+)
+from speakd.server.core.segmenter import Located, Segmenter
 from speakd.server.errors import SynthesisError
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.job import AudioEncoder, EncodedSegment, Job
@@ -41,8 +49,11 @@ class Utterance:
         metrics: SpeakdMetrics,
         on_closed: Callable[[Utterance], None],
         queued: bool = False,
+        words: bool = False,
     ) -> None:
+        """`words`: announce each segment's word timing (`SegmentWords`) before its audio."""
         self.name = name
+        self.words = words
         self.sample_rate = sample_rate
         self._segmenter = segmenter
         self._text_budget = text_budget
@@ -60,7 +71,7 @@ class Utterance:
         self._first_submit_at: float | None = None
         self._audio_started = False
         self.queued = queued
-        self._held: list[str] = []  # segments cut while queued, in order, for the pipeline
+        self._held: list[Located] = []  # segments cut while queued, in order, for the pipeline
 
     @property
     def voice(self) -> str:
@@ -88,7 +99,7 @@ class Utterance:
     @property
     def held_chars(self) -> int:
         """Text taken but not yet through the first stage: what counts against the text budget."""
-        return self._segmenter.buffered_chars + self._job.pending_chars + sum(map(len, self._held))
+        return self._segmenter.buffered_chars + self._job.pending_chars + sum(len(s.text) for s in self._held)
 
     @property
     def submitted_any(self) -> bool:
@@ -102,7 +113,7 @@ class Utterance:
         self.queued = False
         held, self._held = self._held, []
         for segment in held:
-            self._pipeline.submit(self._job, segment)
+            self._pipeline.submit(self._job, segment.text, segment.offset)
         if self.ending:
             self._pipeline.end(self._job)
 
@@ -119,17 +130,17 @@ class Utterance:
                 f"the limit is {self._text_budget}: wait for audio, then send more",
                 self.name,
             )
-        self._submit(self._segmenter.feed(text))
+        self._submit(self._segmenter.feed_located(text))
 
     def flush(self) -> None:
         """Synthesize what is buffered now, even mid-sentence."""
         self._check_open()
-        self._submit(self._segmenter.flush())
+        self._submit(self._segmenter.flush_located())
 
     def end(self) -> None:
         """No more text: synthesize the rest, then finish with reason end."""
         self._check_open()
-        self._submit(self._segmenter.flush())
+        self._submit(self._segmenter.flush_located())
         self.ending = True
         if not self.queued:
             self._pipeline.end(self._job)
@@ -170,7 +181,7 @@ class Utterance:
                 ErrorCode.UNKNOWN_CONTEXT, f"context {self.name!r} has ended; wait for done", self.name
             )
 
-    def _submit(self, segments: Sequence[str]) -> None:
+    def _submit(self, segments: Sequence[Located]) -> None:
         for segment in segments:
             if self._first_submit_at is None:
                 # Counted from the client's text, so time to first audio includes a wait for admission.
@@ -178,7 +189,7 @@ class Utterance:
             if self.queued:
                 self._held.append(segment)
             else:
-                self._pipeline.submit(self._job, segment)
+                self._pipeline.submit(self._job, segment.text, segment.offset)
 
     # -- results from the pipeline (JobSink) ------------------------------------------------------------
 
@@ -196,8 +207,25 @@ class Utterance:
             self._last_segment = segment.index
             self.segments += 1
             self._metrics.segments.inc()
-            self._emit(SegmentStarted(segment.index, segment.text, self.audio_ms))
+            start_ms = self.audio_ms
+            self._emit(SegmentStarted(segment.index, segment.text, start_ms))
+            if self.words:
+                self._emit(SegmentWords(segment.index, self._timeline(segment, start_ms)))
         self._send_frames(segment.frames)
+
+    @staticmethod
+    def _timeline(segment: EncodedSegment, start_ms: float) -> tuple[WordTiming, ...]:
+        """The segment's words on the utterance's audio timeline, in whole-ish milliseconds."""
+        return tuple(
+            WordTiming(
+                word=w.word,
+                start_ms=round(start_ms + 1000 * w.start_s, 1),
+                end_ms=round(start_ms + 1000 * w.end_s, 1),
+                char_start=w.char_start,
+                char_end=w.char_end,
+            )
+            for w in segment.words
+        )
 
     def finish(self, job: Job, tail: Sequence[Frame]) -> None:
         if self.closed:

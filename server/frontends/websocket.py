@@ -37,13 +37,14 @@ from speakd.protocol import (
     Start,
     Started,
     Text,
+    Words,
     decode_client,
     encode,
     text_frame_error,
 )
 from speakd.server.audio.encoders import make_encoder
 from speakd.server.core.errors import RequestRefused
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted, SegmentWords
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 
@@ -225,6 +226,7 @@ class Connection:
                 msg.codec, msg.sample_rate, msg.frame_ms, audio.opus_bitrate, audio.opus_complexity
             ),
             sample_rate=msg.sample_rate,
+            words=msg.words,
         )
         self._send(
             None,
@@ -235,6 +237,7 @@ class Connection:
                 sample_rate=msg.sample_rate,
                 frame_ms=msg.frame_ms,
                 pre_skip=utterance.encoder.pre_skip,
+                words=msg.words,
             ),
         )
 
@@ -256,6 +259,8 @@ class Connection:
                 utterance,
                 Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms),
             )
+        if isinstance(event, SegmentWords):
+            return self._send(utterance, Words(context=name, segment=event.segment, words=event.words))
         if isinstance(event, Failed):
             error = Error(
                 context=name, code=event.code, message=event.message, retry_after_ms=_ms(event.retry_after_s)

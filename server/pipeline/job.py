@@ -72,13 +72,27 @@ class Job:
         return f"Job({self.context!r}, cancelled={self.cancelled})"
 
 
+@dataclass(frozen=True, slots=True)
+class TimedWord:
+    """A word a segment speaks: seconds from the segment's first sample (after any trimmed lead-in),
+    and its place in the job's text (code points from the start of all the text the job was fed)."""
+
+    word: str
+    start_s: float
+    end_s: float
+    char_start: int
+    char_end: int
+
+
 @dataclass(slots=True)
 class TextItem:
-    """Text the pipeline hands to the engine's first stage; `first` marks the job's first text."""
+    """Text the pipeline hands to the engine's first stage; `first` marks the job's first text, and
+    `offset` is where `text` starts in all the text the job was fed (for word positions)."""
 
     job: Job
     text: str
     first: bool
+    offset: int = 0
 
 
 @dataclass(slots=True)
@@ -90,6 +104,8 @@ class WaveformItem:
     text: str
     audio: npt.NDArray[np.float32]
     last_part: bool
+    # The timing of the segment's words, on its first part only; () where the engine has none.
+    words: tuple[TimedWord, ...] = ()
 
 
 @dataclass(slots=True)
@@ -100,6 +116,7 @@ class EncodedSegment:
     index: int
     text: str
     frames: list[Frame]
+    words: tuple[TimedWord, ...] = ()
 
 
 @dataclass(slots=True)

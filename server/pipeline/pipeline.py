@@ -159,9 +159,10 @@ class Pipeline:
         for name, function in steps:
             value = await stages[name].call(function, value)
 
-    def submit(self, job: Job, text: str) -> None:
+    def submit(self, job: Job, text: str, offset: int = 0) -> None:
+        """Queue `text`, which starts at code point `offset` of all the text `job` was fed."""
         job.playback.submitted()
-        item = TextItem(job, text, first=job.texts_submitted == 0)
+        item = TextItem(job, text, first=job.texts_submitted == 0, offset=offset)
         job.texts_submitted += 1
         job.submitted_chars += len(text)
         self._text_queue.put_nowait(job, item, urgent=item.first)
@@ -245,6 +246,7 @@ class Pipeline:
                 item.index,
                 item.text,
                 item.job.encoder.encode(item.audio, end_of_segment=item.last_part),
+                item.words,
             )
             for item in items
         ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from speakd.server.engines.kokoro.voices import MAX_PHONEMES
+from speakd.server.engines.kokoro.word_timing import Piece, WordTokens, chunk_words, locate
 from speakd.server.errors import DependencyError
 
 logger = logging.getLogger(__name__)
@@ -19,11 +20,13 @@ _CLAUSE_PUNCTUATION = frozenset(",;:—…")
 
 @dataclass(frozen=True, slots=True)
 class PhonemeChunk:
-    """A piece of a segment the model can take in one pass, with the source text it came from."""
+    """A piece of a segment the model can take in one pass, with the source text it came from and
+    its words (spans in the text given to G2P, token ranges in `tokens`)."""
 
     text: str
     phonemes: str
     tokens: tuple[int, ...]
+    words: tuple[WordTokens, ...] = ()
 
 
 def _load_spacy() -> Any:
@@ -77,21 +80,27 @@ class EnglishG2P:
 
     def __call__(self, text: str, lang: str = "en-us") -> list[PhonemeChunk]:
         _, words = self._converter(lang)(text)
-        pieces = [(w.text + w.whitespace, (w.phonemes or "") + (" " if w.whitespace else "")) for w in words]
+        spans = locate(text, [w.text for w in words])
+        pieces = []
+        for w, (start, end) in zip(words, spans, strict=True):
+            phonemes = w.phonemes or ""
+            own = self.tokenize(phonemes)
+            space = self.tokenize(" ") if w.whitespace else ()
+            pieces.append(Piece(w.text, start, end, w.whitespace, phonemes, own + space, len(own)))
         return [chunk for chunk in self._chunk(pieces) if chunk.tokens]
 
-    def _chunk(self, pieces: Sequence[tuple[str, str]]) -> list[PhonemeChunk]:
+    def _chunk(self, pieces: Sequence[Piece]) -> list[PhonemeChunk]:
         chunks: list[PhonemeChunk] = []
         start = 0
         while start < len(pieces):
             end, clause_end, count = start, None, 0
             while end < len(pieces):
-                size = len(self.tokenize(pieces[end][1]))
+                size = len(pieces[end].tokens)
                 if count + size > MAX_PHONEMES and end > start:
                     break
                 count += size
                 end += 1
-                if pieces[end - 1][1].strip() and pieces[end - 1][1].strip()[-1] in _CLAUSE_PUNCTUATION:
+                if pieces[end - 1].text.strip() and pieces[end - 1].text.strip()[-1] in _CLAUSE_PUNCTUATION:
                     clause_end = end
             if end < len(pieces) and clause_end is not None:
                 end = clause_end
@@ -99,8 +108,21 @@ class EnglishG2P:
             start = end
         return chunks
 
-    def _make_chunk(self, pieces: Sequence[tuple[str, str]]) -> PhonemeChunk:
-        text = "".join(source for source, _ in pieces).strip()
-        phonemes = "".join(ps for _, ps in pieces).strip()
-        tokens = self.tokenize(phonemes)[:MAX_PHONEMES]
-        return PhonemeChunk(text=text, phonemes=phonemes, tokens=tokens)
+    def _make_chunk(self, pieces: Sequence[Piece]) -> PhonemeChunk:
+        """Tokens joined, without the spaces at either end, cut to the model's limit; and the words."""
+        space = self.tokenize(" ")
+        joined = [token for piece in pieces for token in piece.tokens]
+        lead = 0
+        while lead < len(joined) and (joined[lead],) == space:
+            lead += 1
+        stop = len(joined)
+        while stop > lead and (joined[stop - 1],) == space:
+            stop -= 1
+        tokens = tuple(joined[lead:stop][:MAX_PHONEMES])
+        offsets, at = [], -lead
+        for piece in pieces:
+            offsets.append(at)
+            at += len(piece.tokens)
+        text = "".join(p.text + p.whitespace for p in pieces).strip()
+        phonemes = "".join(p.phonemes + (" " if p.spaced else "") for p in pieces).strip()
+        return PhonemeChunk(text, phonemes, tokens, tuple(chunk_words(pieces, offsets, len(tokens))))

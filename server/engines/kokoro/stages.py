@@ -25,7 +25,8 @@ from speakd.server.engines.kokoro.windows import (
     next_window,
     segment_span,
 )
-from speakd.server.pipeline.job import EndMarker, Job, TextItem, WaveformItem
+from speakd.server.engines.kokoro.word_timing import WordTokens, time_words
+from speakd.server.pipeline.job import EndMarker, Job, TextItem, TimedWord, WaveformItem
 from speakd.server.pipeline.stage import Again, StageSpec
 
 # A little slower than the ONNX vocoder on 2 CPU cores, until measured here.
@@ -41,6 +42,8 @@ class PhonemesItem:
     index: int
     text: str
     tokens: tuple[int, ...]
+    words: tuple[WordTokens, ...] = ()
+    offset: int = 0  # where the G2P input starts in the job's text: word spans are relative to it
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class FeaturesItem:
     position: int
     stitcher: Stitcher
     seam: SeamCarry
+    words: tuple[TimedWord, ...] = ()
     windows_done: int = 0
 
 
@@ -92,7 +96,11 @@ class KokoroStages:
         for item in items:
             chunks = self._g2p(item.text, item.job.lang)
             for chunk in chunks:
-                out.append(PhonemesItem(item.job, item.job.segments_made, chunk.text, chunk.tokens))
+                out.append(
+                    PhonemesItem(
+                        item.job, item.job.segments_made, chunk.text, chunk.tokens, chunk.words, item.offset
+                    )
+                )
                 item.job.segments_made += 1
             item.job.retired_chars += len(item.text)
         return out
@@ -105,9 +113,11 @@ class KokoroStages:
         out: list[FeaturesItem] = []
         for item, feats in zip(items, self._engine.acoustic(requests), strict=True):
             span = segment_span(feats)
+            # Timed from the first frame played: the lead-in before `span.start` is trimmed.
+            words = time_words(item.words, feats.durations, span.start, item.offset)
             out.append(
                 FeaturesItem(
-                    item.job, item.index, item.text, feats, span, span.start, Stitcher(), SeamCarry()
+                    item.job, item.index, item.text, feats, span, span.start, Stitcher(), SeamCarry(), words
                 )
             )
         return out
@@ -136,9 +146,9 @@ class KokoroStages:
         self._vocoder_speed.observe(len(items) * longest, time.perf_counter() - started)
         out: list[WaveformItem | Again] = []
         for item, window, wave in zip(items, windows, rendered, strict=True):
-            out.append(
-                WaveformItem(item.job, item.index, item.text, item.stitcher.add(window, wave), window.last)
-            )
+            audio = item.stitcher.add(window, wave)
+            words = item.words if not item.windows_done else ()
+            out.append(WaveformItem(item.job, item.index, item.text, audio, window.last, words))
             if not window.last:
                 item.position = window.end
                 item.windows_done += 1
