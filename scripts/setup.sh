@@ -12,6 +12,8 @@ grep 'libopus\.so\.0' >/dev/null <<<"$libs" || need_libs+=(libopus0)
 grep 'libportaudio\.so\.2' >/dev/null <<<"$libs" || need_libs+=(libportaudio2)
 # The tests put three daemons behind a real HAProxy (tests/test_e2e_haproxy.py).
 if [ "$extra" = test ] && ! PATH="$PATH:/usr/sbin" command -v haproxy >/dev/null; then need_libs+=(haproxy); fi
+# The browser page's tests drive Debian's chromium through Playwright (tests/test_e2e_browser.py).
+if [ "$extra" = test ] && ! command -v chromium >/dev/null; then need_libs+=(chromium); fi
 if ((${#need_libs[@]})); then
   echo "setup: installing system libraries: ${need_libs[*]}" >&2
   sudo=""

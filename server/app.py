@@ -23,7 +23,7 @@ from speakd.server.core.errors import Busy
 from speakd.server.core.synthesis import SynthesisCore
 from speakd.server.engines.backend import SpeechBackend
 from speakd.server.engines.kokoro.speech import Speech
-from speakd.server.frontends import openai_speech, status
+from speakd.server.frontends import openai_speech, page_door, status
 from speakd.server.frontends.auth import (
     DEFAULT_PUBLIC_PATHS,
     WS_SUBPROTOCOL,
@@ -187,9 +187,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-PUBLIC_PATHS = DEFAULT_PUBLIC_PATHS | openai_speech.PUBLIC_PATHS | {"/v1/voices"}
-"""What answers without a token: health checks and the voice and model listings (Open WebUI fetches
-those without credentials; they reveal only names)."""
+PUBLIC_PATHS = DEFAULT_PUBLIC_PATHS | openai_speech.PUBLIC_PATHS | page_door.PUBLIC_PATHS | {"/v1/voices"}
+"""What answers without a token: health checks, the voice and model listings (Open WebUI fetches
+those without credentials; they reveal only names) and the browser page's files (it asks for the token
+itself, and holds no secret)."""
 
 
 async def _bound_send_buffer(request: web.Request, response: web.StreamResponse) -> None:
@@ -217,6 +218,7 @@ def create_app(config: Config, tokens: AccessTokens | None = None) -> web.Applic
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(_bound_send_buffer)
     status.add_routes(app)
+    page_door.add_routes(app)
     openai_speech.add_routes(app)
     app.router.add_get(PATH, stream)
     return app
