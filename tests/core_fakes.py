@@ -7,6 +7,7 @@ the model is a stand-in: every segment is `frames` acoustic frames (600 samples 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from speakd.server.engines.kokoro.engine import (
 from speakd.server.engines.kokoro.g2p import LANGUAGES, EnglishG2P, PhonemeChunk
 from speakd.server.engines.kokoro.stages import KokoroStages
 from speakd.server.engines.kokoro.voices import STYLE_DIM, VoiceBank
+from speakd.server.engines.kokoro.word_timing import WordTokens
 from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.pipeline import Pipeline, WarmUpStep
 from speakd.server.pipeline.stage import StageSpec
@@ -36,7 +38,11 @@ OTHER_VOICE = "x"
 
 
 def fake_g2p(text: str, lang: str = "en-us") -> list[PhonemeChunk]:
-    return [PhonemeChunk(text, text, tuple(range(1, len(text) + 1)))]
+    """One token per character; every run of non-spaces is a word, its tokens those of its characters."""
+    words = tuple(
+        WordTokens(m.group(), m.start(), m.end(), m.start(), m.end()) for m in re.finditer(r"\S+", text)
+    )
+    return [PhonemeChunk(text, text, tuple(range(1, len(text) + 1)), words)]
 
 
 class FakeEngine:
@@ -57,6 +63,20 @@ class FakeEngine:
 
     def vocode(self, batch: Sequence[AcousticFeatures]) -> list[npt.NDArray[np.float32]]:
         return [np.full(f.frames * SAMPLES_PER_FRAME, 0.1, np.float32) for f in batch]
+
+
+class TokenFrameEngine(FakeEngine):
+    """One acoustic frame per token (none for BOS and EOS): a word's time follows from its characters."""
+
+    def acoustic(self, batch: Sequence[AcousticRequest]) -> list[AcousticFeatures]:
+        out = []
+        for request in batch:
+            frames = len(request.tokens)
+            durations = np.array([0, *([1] * frames), 0], np.int64)
+            curve = np.zeros((1, 2 * frames), np.float32)
+            asr = np.zeros((1, 1, frames), np.float32)
+            out.append(AcousticFeatures(asr, curve, curve, request.style, durations))
+        return out
 
 
 class GatedEngine(FakeEngine):

@@ -33,6 +33,7 @@ from speakd.protocol import (
     Segment,
     ServerMessage,
     Started,
+    Words,
     decode_server,
     encode,
 )
@@ -135,6 +136,7 @@ class Utterance:
 
     started: Started | None = None
     segments: list[Segment] = field(default_factory=list)
+    words: list[Words] = field(default_factory=list)
     audio: list[Audio] = field(default_factory=list)
     errors: list[Error] = field(default_factory=list)
     done: Done | None = None
@@ -190,6 +192,8 @@ class Utterance:
             self.started = msg
         elif isinstance(msg, Segment):
             self.segments.append(msg)
+        elif isinstance(msg, Words):
+            self.words.append(msg)
         elif isinstance(msg, Audio):
             now = time.perf_counter()
             if self.first_audio_at is None:

@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 import pytest
-from core_fakes import VOICE, FakeEngine, GatedEngine, running_core
+from core_fakes import VOICE, FakeEngine, GatedEngine, TokenFrameEngine, running_core
 
 from speakd.protocol import DoneReason, ErrorCode
 from speakd.server.audio.encoders import Pcm16FrameEncoder
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted, SegmentWords
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 from speakd.server.engines.kokoro.engine import AcousticFeatures
@@ -154,6 +154,57 @@ async def test_text_fed_in_pieces_comes_out_as_segments_then_done() -> None:
         assert len(session) == 0 and core.metrics.contexts.value == 0.0
         with pytest.raises(RequestRefused, match="has ended"):
             utterance.feed("more")
+        session.close()
+
+
+async def test_word_timing_follows_each_segment_start_on_the_utterance_timeline() -> None:
+    # One 25 ms frame per character (tests/core_fakes.py), so each word's time follows from its place.
+    text = "  Hi there. Second one?\nLast"
+    async with running_core(engine=TokenFrameEngine()) as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = session.open(
+            "u",
+            voice=None,
+            lang="en-us",
+            speed=1.0,
+            encoder=lambda: Pcm16FrameEncoder(24000, 20),
+            sample_rate=24000,
+            words=True,
+        )
+        for i in range(0, len(text), 4):
+            utterance.feed(text[i : i + 4])
+        utterance.end()
+        events = await collect(stream)
+        kinds = [type(event).__name__ for event in events if not isinstance(event, AudioChunk)]
+        assert kinds == ["SegmentStarted", "SegmentWords"] * 3 + ["Finished"]
+        for i, event in enumerate(events):
+            if isinstance(event, SegmentStarted):
+                words = events[i + 1]
+                assert isinstance(words, SegmentWords) and words.segment == event.index
+                # Words come before the segment's first audio, and the segment's frames follow them.
+                assert isinstance(events[i + 2], AudioChunk) and events[i + 2].segment == event.index
+                for word in words.words:
+                    assert text[word.char_start : word.char_end] == word.word
+                    # The word's first character is token k of its segment: frame k, one frame early.
+                    k = word.char_start - text.index(event.text)
+                    assert word.start_ms == pytest.approx(event.start_ms + 25.0 * max(0, k - 1))
+                    assert word.end_ms == pytest.approx(event.start_ms + 25.0 * (k - 1 + len(word.word)))
+        timed = [w.word for e in events if isinstance(e, SegmentWords) for w in e.words]
+        assert timed == ["Hi", "there.", "Second", "one?", "Last"]
+        session.close()
+
+
+async def test_without_words_no_word_timing_is_sent() -> None:
+    async with running_core(engine=TokenFrameEngine()) as core:
+        stream = stream_for(core)
+        session = core.admit(stream)
+        utterance = open_pcm(session)
+        utterance.feed("Hello there. Bye.")
+        utterance.end()
+        events = await collect(stream)
+        assert not any(isinstance(event, SegmentWords) for event in events)
+        assert len(segments(events)) == 2
         session.close()
 
 

@@ -220,3 +220,39 @@ def test_unknown_word_goes_through_espeak(g2p: EnglishG2P, monkeypatch: pytest.M
         assert g2p.tokenize(phonemes)
     assert chunk.text == "The zorblaxian quoffle sang."
     assert len(chunk.tokens) > 15
+
+
+TRICKY = (
+    "  Dr. Smith paid $12.50 at https://example.com/a?b=1 yesterday, didn't he? It's 3:45 p.m. — "
+    'the state-of-the-art model costs 50% less… "Really," she said; email bob@example.org!'
+)
+
+
+def test_words_keep_the_span_of_the_text_they_came_from(g2p: EnglishG2P, files: ModelFiles) -> None:
+    (chunk,) = g2p(TRICKY)
+    spans = [TRICKY[w.char_start : w.char_end] for w in chunk.words]
+    assert [w.text for w in chunk.words] == spans
+    assert spans == [
+        "Dr.", "Smith", "paid", "$12.50", "at", "https://example.com/a?b=1", "yesterday", "didn't", "he",
+        "It's", "3:45", "p.m.", "the", "state-of-the-art", "model", "costs", "50%", "less", "Really", "she",
+        "said", "email", "bob@example.org",
+    ]  # fmt: skip
+    # Token ranges lie in the chunk, in order, never overlapping, and cover a word's phonemes only.
+    ends = [0] + [w.token_end for w in chunk.words]
+    for word, previous_end in zip(chunk.words, ends, strict=False):
+        assert previous_end <= word.token_start < word.token_end <= len(chunk.tokens)
+    money = chunk.words[spans.index("$12.50")]
+    symbols = {token: symbol for symbol, token in files.vocab().items()}
+    spoken = "".join(symbols[t] for t in chunk.tokens[money.token_start : money.token_end])
+    # "twelve dollars and fifty cents", stress marks removed.
+    assert spoken.replace("\u02c8", "").startswith("twɛlv") and spoken.endswith("ɛnts")
+
+
+def test_every_word_of_a_long_text_is_timed_in_exactly_one_chunk(g2p: EnglishG2P) -> None:
+    text = " ".join(PARAGRAPH.split() * 6) + "."
+    chunks = g2p(text)
+    assert len(chunks) >= 2
+    words = [w for chunk in chunks for w in chunk.words]
+    assert [w.text for w in words] == [word.strip(",.") for word in text.split()]
+    for chunk in chunks:
+        assert all(w.token_end <= len(chunk.tokens) for w in chunk.words)

@@ -31,6 +31,8 @@ from speakd.protocol import (
     Start,
     Started,
     Text,
+    Words,
+    WordTiming,
     decode_client,
     decode_server,
     encode,
@@ -51,6 +53,7 @@ CLIENT_MESSAGES: list[ClientMessage] = [
         frame_ms=60,
     ),
     Start(context="c", speed=0.5, sample_rate=8000, frame_ms=10),
+    Start(context="w", words=True),
     Start(context="c", speed=2.0, sample_rate=12000, frame_ms=40),
     Text(text="Hello there. How are you?"),
     Text(context="x" * MAX_CONTEXT_ID_LENGTH, text=""),
@@ -67,6 +70,16 @@ SERVER_MESSAGES: list[ServerMessage] = [
     Started(context="a", voice="v", codec=AudioCodec.OPUS, sample_rate=48000, frame_ms=20, pre_skip=312),
     Segment(context="a", segment=0, text="Hello there.", start_ms=0.0),
     Segment(context="a", segment=3, text="Next.", start_ms=1234.5),
+    Started(context="w", voice="v", words=True),
+    Words(context="a", segment=0, words=()),
+    Words(
+        context="a",
+        segment=4,
+        words=(
+            WordTiming(word="Hello", start_ms=75.0, end_ms=375.5, char_start=0, char_end=5),
+            WordTiming(word="$12.50", start_ms=400.0, end_ms=1800.0, char_start=10, char_end=16),
+        ),
+    ),
     Audio(context="a", segment=0, seq=0, data=b"\x00\xff" * 40, samples=480),
     Audio(context="a", segment=2, seq=17, data=b"", samples=0),
     Done(context="a", reason=DoneReason.END, audio_ms=2500.0, segments=2),
@@ -104,12 +117,22 @@ def test_every_message_type_is_covered_and_tags_are_unique() -> None:
     client_types = {m.type for m in CLIENT_MESSAGES}
     server_types = {m.type for m in SERVER_MESSAGES}
     assert client_types == {"start", "text", "flush", "end", "cancel"}
-    assert server_types == {"started", "segment", "audio", "done", "error"}
+    assert server_types == {"started", "segment", "words", "audio", "done", "error"}
 
 
 def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
     raw = msgpack.unpackb(encode(Start(context="a")), raw=False)
-    assert list(raw) == ["type", "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms", "words"]
+    assert list(raw) == [
+        "type",
+        "context",
+        "voice",
+        "lang",
+        "speed",
+        "codec",
+        "sample_rate",
+        "frame_ms",
+        "words",
+    ]
     assert raw == {
         "type": "start",
         "context": "a",
@@ -119,6 +142,7 @@ def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
         "codec": "opus",
         "sample_rate": 24000,
         "frame_ms": 20,
+        "words": False,
     }
     assert type(raw["codec"]) is str
 
@@ -214,6 +238,7 @@ def msg(kind: str, **fields: object) -> bytes:
 
 STARTED = {"voice": "v", "codec": "opus", "sample_rate": 24000, "channels": 1, "frame_ms": 20, "pre_skip": 0}
 NO_VOICE = {k: v for k, v in STARTED.items() if k != "voice"}
+WORD = {"word": "a", "start_ms": 0.0, "end_ms": 25.0, "char_start": 0, "char_end": 1}
 LONG_CONTEXT = "x" * (MAX_CONTEXT_ID_LENGTH + 1)
 
 # (id, decoder, frame, expected code, expected error context, substring the message must contain)
@@ -269,6 +294,29 @@ MALFORMED: list[tuple[str, Decoder, bytes, ErrorCode, str | None, str]] = [
     ("audio missing seq", S, msg("audio", segment=0, data=b"", samples=1), BAD, D, "seq"),
     ("started 2 channels", S, msg("started", **(STARTED | {"channels": 2})), INVALID, D, "channels"),
     ("started no voice", S, msg("started", **NO_VOICE), BAD, D, "voice"),
+    ("start words as int", C, msg("start", words=1), BAD, D, "words"),
+    ("start words as str", C, msg("start", words="yes"), BAD, D, "words"),
+    ("started words nil", S, msg("started", **(STARTED | {"words": None})), BAD, D, "words"),
+    ("words missing list", S, msg("words", segment=0), BAD, D, "words"),
+    ("words not a list", S, msg("words", segment=0, words={"word": "a"}), BAD, D, "words"),
+    ("words item not a map", S, msg("words", segment=0, words=["a"]), BAD, D, "words[0]"),
+    (
+        "word missing end_ms",
+        S,
+        msg("words", segment=0, words=[{"word": "a", "start_ms": 0, "char_start": 0, "char_end": 1}]),
+        BAD,
+        D,
+        "words[0] is missing required field 'end_ms'",
+    ),
+    (
+        "word negative char_start",
+        S,
+        msg("words", segment=0, words=[WORD | {"char_start": -1}]),
+        INVALID,
+        D,
+        "words[0].char_start",
+    ),
+    ("word as bytes", S, msg("words", segment=0, words=[WORD | {"word": b"a"}]), BAD, D, "words[0].word"),
     (
         "done bad reason",
         S,
@@ -356,9 +404,11 @@ def _random_object(rng: random.Random, depth: int = 0) -> object:
 FIELD_NAMES = [
     "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms", "text", "channels",
     "pre_skip", "segment", "start_ms", "seq", "data", "samples", "reason", "audio_ms", "segments",
-    "code", "message", "retry_after_ms",
+    "code", "message", "retry_after_ms", "words", "word", "end_ms", "char_start", "char_end",
 ]  # fmt: skip
-TYPE_NAMES = ["start", "text", "flush", "end", "cancel", "started", "segment", "audio", "done", "error"]
+TYPE_NAMES = [
+    "start", "text", "flush", "end", "cancel", "started", "segment", "words", "audio", "done", "error",
+]  # fmt: skip
 
 
 def _random_message_map(rng: random.Random) -> dict[object, object]:

@@ -322,3 +322,25 @@ def test_twenty_thousand_chars_one_at_a_time() -> None:
     assert segments == _whole(text)
     assert len(segments) > 600
     assert max(map(len, segments)) == 300
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_each_segment_knows_where_it_starts_in_all_the_text_fed(seed: int) -> None:
+    text = (
+        "  Sure, here it is.  First, open the file!\nThen   type: hello world. Done?  Yes — all done… "
+        "A very long clause without any stop " * 3
+    )
+    rng = random.Random(seed)
+    segmenter = Segmenter(max_chars=60)
+    located = []
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 9)
+        located += segmenter.feed_located(text[i : i + n])
+        i += n
+    located += segmenter.flush_located()
+    assert [s.text for s in located] == _whole(text, max_chars=60)
+    offsets = [s.offset for s in located]
+    assert offsets == sorted(offsets)
+    for segment in located:
+        assert text[segment.offset : segment.offset + len(segment.text)] == segment.text
