@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openai
@@ -197,6 +199,119 @@ def test_sse_events_carry_the_audio_and_end_with_usage(daemon: Daemon) -> None:
     assert usage["input_tokens"] == len(text)
     assert usage["output_tokens"] == round(len(pcm) / 480)
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+# -- speakd's extension: word timing in the SSE stream -------------------------------------------------
+
+WORDS_TEXT = "Rice is often served in round bowls, isn't it? The juice of lemons makes fine punch."
+
+
+def sse_events(daemon: Daemon, text: str, response_format: str, **extra: object) -> list[dict[str, Any]]:
+    """Every event of an SSE speech response, in order, read through the SDK's streaming response."""
+    events = []
+    with sdk(daemon).audio.speech.with_streaming_response.create(
+        model="tts-1",
+        voice="alloy",
+        input=text,
+        response_format=response_format,  # type: ignore[arg-type]
+        stream_format="sse",
+        extra_body=extra,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+def delta_bytes(events: list[dict[str, Any]]) -> bytes:
+    return b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+
+
+def test_sse_word_timing_comes_before_each_segments_audio_and_matches_the_input(daemon: Daemon) -> None:
+    events = sse_events(daemon, WORDS_TEXT, "pcm", speakd_words=True)
+    assert events[0]["type"] == "speech.audio.words", "the first segment's words come before any audio"
+    assert events[-1]["type"] == "speech.audio.done"
+    pcm = np.frombuffer(delta_bytes(events), "<i2")
+    duration_ms = len(pcm) * 1000 / RATE
+    assert_says(pcm, WORDS_TEXT)
+    groups: list[list[dict[str, Any]]] = []
+    heard_ms = 0.0  # pcm audio received so far, by its length
+    for event in events:
+        if event["type"] == "speech.audio.delta":
+            heard_ms += len(base64.b64decode(event["audio"])) / 2 * 1000 / RATE
+        elif event["type"] == "speech.audio.words":
+            words = event["words"]
+            assert words and set(event) == {"type", "words"}
+            # Between segments: the previous segment's audio is all here, none of this one's yet.
+            if groups:
+                assert groups[-1][-1]["end_ms"] <= heard_ms + 0.1, (groups[-1][-1], heard_ms)
+            assert heard_ms <= words[0]["start_ms"] + 0.1, (words[0], heard_ms)
+            groups.append(words)
+    assert len(groups) >= 2, "two sentences are two segments, each with its words"
+    words = [word for group in groups for word in group]
+    assert all(set(w) == {"word", "start_ms", "end_ms", "char_start", "char_end"} for w in words)
+    for word in words:
+        assert WORDS_TEXT[word["char_start"] : word["char_end"]] == word["word"], word
+        assert 0 <= word["start_ms"] < word["end_ms"] <= duration_ms + 0.1, (word, duration_ms)
+    for before, after in itertools.pairwise(words):
+        assert before["end_ms"] <= after["start_ms"] and before["char_end"] <= after["char_start"]
+    # Every word of the input once, in order, punctuation left out ("bowls," is "bowls").
+    spans = [(m.start(), m.end()) for m in re.finditer(r"[\w']+", WORDS_TEXT)]
+    assert [(w["char_start"], w["char_end"]) for w in words] == spans
+
+
+def test_sse_word_times_are_on_each_formats_decoded_clock(daemon: Daemon) -> None:
+    """The same words in pcm and in a compressed format: where a decoder's audio is late (mp3's and
+    aac's priming), the words are late by as much; Ogg Opus's pre-skip is removed by the decoder."""
+    text = "The juice of lemons makes fine punch."
+    reference = sse_events(daemon, text, "pcm", speakd_words=True)
+    reference_pcm = decode(delta_bytes(reference), "pcm").astype(np.float64)
+    reference_starts = [w["start_ms"] for e in reference if "words" in e for w in e["words"]]
+    for response_format in ("mp3", "aac", "opus"):
+        events = sse_events(daemon, text, response_format, speakd_words=True)
+        pcm = decode(delta_bytes(events), response_format).astype(np.float64)
+        assert_says(pcm.astype(np.int16), text)
+        lag_ms = _lag(pcm, reference_pcm) * 1000 / RATE  # how late this format's decoded audio is
+        starts = [w["start_ms"] for e in events if "words" in e for w in e["words"]]
+        assert len(starts) == len(reference_starts)
+        shift = float(np.median(np.subtract(starts, reference_starts)))
+        assert abs(shift - lag_ms) <= 1.0, (response_format, shift, lag_ms)
+        assert all(0 <= start < len(pcm) * 1000 / RATE for start in starts)
+
+
+def _lag(audio: np.ndarray, reference: np.ndarray, within: int = RATE // 5) -> int:
+    """Samples by which `audio` trails `reference` (negative: leads), by cross-correlation."""
+    size = 1 << (len(audio) + len(reference)).bit_length()
+    spectrum = np.fft.rfft(audio, size) * np.conj(np.fft.rfft(reference, size))
+    correlation = np.fft.irfft(spectrum, size)
+    lags = np.concatenate([np.arange(0, within + 1), np.arange(-within, 0)])
+    return int(lags[np.argmax(correlation[lags])])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"speakd_words": "yes", "stream_format": "sse"}, "expected a boolean"),
+        ({"speakd_words": 1, "stream_format": "sse"}, "expected a boolean"),
+        ({"speakd_words": True}, "needs 'stream_format': 'sse'"),
+        ({"speakd_words": True, "stream_format": "audio"}, "needs 'stream_format': 'sse'"),
+    ],
+)
+def test_bad_word_timing_requests_get_openai_errors(
+    daemon: Daemon, extra: dict[str, object], message: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk(daemon).audio.speech.create(model="tts-1", voice="alloy", input="Hello.", extra_body=extra)
+    assert raised.value.status_code == 400 and message in raised.value.message
+    body = raised.value.body
+    assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error" and body["param"] == "speakd_words"
+
+
+def test_without_the_extension_sse_has_no_word_events(daemon: Daemon) -> None:
+    events = sse_events(daemon, "Smoky fires lack flame and heat.", "pcm", speakd_words=False)
+    assert {e["type"] for e in events} == {"speech.audio.delta", "speech.audio.done"}
 
 
 def test_unknown_fields_from_other_clients_are_ignored(daemon: Daemon) -> None:

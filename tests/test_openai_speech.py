@@ -9,13 +9,17 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import numpy as np
 import pytest
 from aiohttp import ClientTimeout, web
 from aiohttp.test_utils import TestClient, TestServer
+from audio_decode import decode
 from core_fakes import VOICE, GatedEngine, running_core
 
+from speakd.protocol import WordTiming
 from speakd.server import app as app_module
-from speakd.server.audio.encoders import Pcm16FrameEncoder
+from speakd.server.audio.containers import DECODER_LEAD_SAMPLES, FORMATS, open_container_encoder
+from speakd.server.audio.encoders import MODEL_RATE, Pcm16FrameEncoder
 from speakd.server.config import load_config
 from speakd.server.core.event_stream import EventStream
 from speakd.server.core.synthesis import SynthesisCore
@@ -28,6 +32,7 @@ from speakd.server.frontends.openai_speech import (
     add_routes,
     parse_speech_request,
     resolve_voice,
+    words_event,
 )
 from speakd.server.pipeline.capacity import CapacityMeter
 
@@ -94,6 +99,12 @@ def test_voice_resolution(requested: str, expected: str | None) -> None:
         ({"speed": "fast"}, "speed", "invalid_type"),
         ({"stream_format": "chunks"}, "stream_format", "invalid_value"),
         ({"instructions": "x" * 5000}, "instructions", "string_above_max_length"),
+        ({"speakd_words": 1, "stream_format": "sse"}, "speakd_words", "invalid_type"),
+        ({"speakd_words": "true", "stream_format": "sse"}, "speakd_words", "invalid_type"),
+        ({"speakd_words": {"on": True}, "stream_format": "sse"}, "speakd_words", "invalid_type"),
+        # Raw audio has no place for word events: asked for there, it is an error, not silence.
+        ({"speakd_words": True}, "speakd_words", "invalid_value"),
+        ({"speakd_words": True, "stream_format": "audio"}, "speakd_words", "invalid_value"),
     ],
 )
 def test_a_known_field_with_a_wrong_type_or_value_is_a_400(
@@ -102,6 +113,43 @@ def test_a_known_field_with_a_wrong_type_or_value_is_a_400(
     with pytest.raises(ApiError) as raised:
         parse(**fields)
     assert (raised.value.status, raised.value.param, raised.value.code) == (400, param, code)
+
+
+def test_word_timing_is_asked_for_with_a_boolean_and_sse() -> None:
+    assert parse(speakd_words=True, stream_format="sse").words is True
+    assert parse(speakd_words=False, stream_format="sse").words is False
+    assert parse(speakd_words=False).words is False  # false asks for nothing, so raw audio is fine
+    assert parse(speakd_words=None).words is False
+    assert parse(stream_format="sse").words is False
+    assert parse(words=True, stream_format="sse").words is False  # not speakd's name: ignored as before
+
+
+def test_a_words_event_moves_times_onto_the_decoded_clock_and_keeps_char_spans() -> None:
+    words = (WordTiming(word="Hello", start_ms=12.5, end_ms=300.0, char_start=0, char_end=5),)
+    assert words_event(words, 46.04) == {
+        "type": "speech.audio.words",
+        "words": [{"word": "Hello", "start_ms": 58.5, "end_ms": 346.0, "char_start": 0, "char_end": 5}],
+    }
+    assert words_event(words)["words"][0]["start_ms"] == 12.5
+
+
+@pytest.mark.parametrize("response_format", FORMATS)
+def test_the_decoder_lead_is_where_a_real_decoder_puts_the_audio(response_format: str) -> None:
+    """A click at 500 ms into the encoder is found by FFmpeg's decoder at 500 ms plus the lead the door
+    adds to word times: the table matches the encoders as they are configured."""
+    click_at = MODEL_RATE // 2
+    audio = np.zeros(MODEL_RATE, np.float32)
+    ramp = np.arange(240)
+    audio[click_at : click_at + 240] = 0.8 * np.sin(2 * np.pi * ramp / 24) * np.hanning(240)
+    encoder = open_container_encoder(response_format)
+    # In two pieces, as the pipeline feeds it: the lead must not depend on how the audio arrives.
+    frames = encoder.encode(audio[:7000], end_of_segment=False)
+    frames += encoder.encode(audio[7000:], end_of_segment=True)
+    body = b"".join(frame.data for frame in frames + encoder.finish())
+    decoded = decode(body, response_format).astype(np.float32) / 32767
+    probe = audio[click_at - 100 : click_at + 340]
+    found = int(np.argmax(np.correlate(decoded, probe, "valid"))) + 100
+    assert found - click_at == DECODER_LEAD_SAMPLES.get(response_format, 0)
 
 
 def test_unknown_fields_are_ignored_and_bad_json_is_a_400() -> None:

@@ -55,6 +55,11 @@ CONTENT_TYPES: Final[dict[str, str]] = {
 """Content-Type of each `response_format`."""
 
 FORMATS: Final[tuple[str, ...]] = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+DECODER_LEAD_SAMPLES: Final[dict[str, int]] = {"mp3": 1105, "aac": 1024}
+"""Codec priming, in 24 kHz samples, that decoders play before the audio because the stream cannot
+say to skip it: LAME's encoder delay plus its decoder's 529 samples (a stream has no Xing/LAME frame)
+and AAC's 1024 (ADTS has no field for it). Ogg Opus records its pre-skip, which decoders remove; pcm,
+wav and flac have none. Measured with FFmpeg's decoders (tests/test_openai_speech.py checks them)."""
 """The `response_format`s offered, in the order the OpenAI API lists them."""
 
 _INT16_SCALE = 32767.0

@@ -6,6 +6,9 @@ clause) is spoken first; the body streams as the audio is produced. Headers wait
 so a request that fails before any audio still gets OpenAI's error JSON with a fitting status; a
 request queued for admission (`limits.admission = "queue"`) just waits longer for them, and gets a
 503 with Retry-After if no place frees up in time.
+
+One speakd extension: `"speakd_words": true` with `stream_format: "sse"` adds a
+`speech.audio.words` event before each segment's audio deltas, the timing of the words it speaks.
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from typing import Any
 
 from aiohttp import web
 
-from speakd.protocol import DoneReason, ErrorCode
-from speakd.server.audio.containers import CONTENT_TYPES, FORMATS, open_container_encoder
+from speakd.protocol import DoneReason, ErrorCode, WordTiming
+from speakd.server.audio.containers import (
+    CONTENT_TYPES,
+    DECODER_LEAD_SAMPLES,
+    FORMATS,
+    open_container_encoder,
+)
+from speakd.server.audio.encoders import MODEL_RATE
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentWords
 from speakd.server.core.synthesis import SPEED_RANGE, SynthesisCore
 from speakd.server.frontends.keys import CONFIG, loaded_core
 
@@ -43,6 +52,9 @@ MAX_INSTRUCTIONS_CHARS = 4096
 # Audio held for a reader that has not taken it yet: past this the pipeline holds the request's work.
 STREAM_BUFFER_BYTES = 256 * 1024
 UTTERANCE = "speech"
+WORDS_FIELD = "speakd_words"
+"""The request field that asks for word timing: prefixed, since OpenAI's API has no such field and
+may one day add a differently shaped one under a plain name (`timestamps`, `words`)."""
 
 
 class ApiError(Exception):
@@ -83,6 +95,8 @@ class SpeechRequest:
     speed: float
     stream_format: str
     instructions: str | None
+    words: bool = False
+    """speakd's extension: `speech.audio.words` events in the SSE stream."""
 
 
 def resolve_voice(
@@ -115,6 +129,16 @@ def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], re
         raise ApiError(
             400, f"invalid type for '{name}': expected {kind_name}", param=name, code="invalid_type"
         )
+    return value
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    """A JSON boolean, absent or null meaning false; 1 and "true" are not booleans."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"invalid type for '{name}': expected a boolean", param=name, code="invalid_type")
     return value
 
 
@@ -192,7 +216,17 @@ def parse_speech_request(
             param="instructions",
             code="string_above_max_length",
         )
-    return SpeechRequest(model, text, voice, response_format, speed, stream_format, instructions)
+    words = _flag(body, WORDS_FIELD)
+    if words and stream_format != "sse":
+        # Silently dropping them would look like speech without words; a raw body has no room for them.
+        raise ApiError(
+            400,
+            f"'{WORDS_FIELD}' needs 'stream_format': 'sse': word timing comes as events, and a raw "
+            "audio body has no place for them",
+            param=WORDS_FIELD,
+            code="invalid_value",
+        )
+    return SpeechRequest(model, text, voice, response_format, speed, stream_format, instructions, words)
 
 
 def _core(request: web.Request) -> SynthesisCore:
@@ -275,6 +309,7 @@ async def _create_speech(request: web.Request) -> web.StreamResponse:
                 speed=speech.speed,
                 encoder=lambda: open_container_encoder(speech.response_format),  # 24 kHz, as OpenAI documents
                 sample_rate=core.backend.sample_rate,
+                words=speech.words,
             )
             utterance.feed(speech.input)
             utterance.end()
@@ -313,6 +348,8 @@ async def _respond(
     response.enable_chunked_encoding()
     await response.prepare(request)
     samples = 0
+    # Word times on the decoded audio's clock: decoders play the codec's priming first.
+    lead_ms = DECODER_LEAD_SAMPLES.get(speech.response_format, 0) * 1000 / MODEL_RATE
 
     async def send(data: bytes) -> None:
         # A reader that takes nothing for this long is gone: give its place back.
@@ -327,6 +364,9 @@ async def _respond(
                 await send(
                     _sse({"type": "speech.audio.delta", "audio": _b64(event.data)}) if sse else event.data
                 )
+        elif isinstance(event, SegmentWords):
+            if sse and event.words:  # a segment with nothing to time gets no event
+                await send(_sse(words_event(event.words, lead_ms)))
         elif isinstance(event, Failed):
             logger.warning("speech request failed after its first audio: %s", event.message)
             if sse:
@@ -364,6 +404,24 @@ async def _respond(
         await send(_sse({"type": "speech.audio.done", "usage": usage}))
     await response.write_eof()
     return response
+
+
+def words_event(words: Sequence[WordTiming], lead_ms: float = 0.0) -> dict[str, Any]:
+    """The SSE event for one segment's words: times moved by `lead_ms` onto the decoded audio's clock,
+    character spans as the core gives them (code points of `input`)."""
+    return {
+        "type": "speech.audio.words",
+        "words": [
+            {
+                "word": w.word,
+                "start_ms": round(w.start_ms + lead_ms, 1),
+                "end_ms": round(w.end_ms + lead_ms, 1),
+                "char_start": w.char_start,
+                "char_end": w.char_end,
+            }
+            for w in words
+        ],
+    }
 
 
 def _sse(payload: Mapping[str, Any]) -> bytes:
