@@ -325,3 +325,50 @@ async def test_zeroconf_announces_a_reachable_address_and_withdraws_it(
     finally:
         assert d.stop() == 0, "".join(d.log)
     assert await resolve(name, 1500) is None  # withdrawn when the daemon stops
+
+
+async def test_word_timing_is_an_opt_in_extension(daemon: Daemon) -> None:
+    """`speakd_words` in `synthesize-start`: a `speakd-words` event before each segment's audio,
+    timed on the chunks' clock, spans into the text sent; never without it."""
+    port = daemon.wyoming_port()
+    words_of: list[list[dict[str, object]]] = []
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        start = SynthesizeStart().event()
+        start.data["speakd_words"] = True
+        await c.write_event(start)
+        pieces = REPLY.split(" ")
+        for i in range(0, len(pieces), 4):
+            await c.write_event(SynthesizeChunk(text=" ".join(pieces[i : i + 4]) + " ").event())
+        await c.write_event(SynthesizeStop().event())
+        types: list[str] = []
+        chunk_ms: list[int] = []
+        audio_ms = 0.0
+        async with asyncio.timeout(120):
+            while (event := await c.read_event()) is not None and event.type != "synthesize-stopped":
+                types.append(event.type)
+                if event.type == "speakd-words":
+                    words_of.append(event.data["words"])
+                    # The segment's words come before its audio: after every chunk so far.
+                    assert all(w["start_ms"] >= audio_ms - 0.5 for w in event.data["words"])
+                elif AudioChunk.is_type(event.type):
+                    chunk = AudioChunk.from_event(event)
+                    chunk_ms.append(chunk.timestamp or 0)
+                    audio_ms += len(chunk.audio) / 2 / chunk.rate * 1000
+    assert types[0] == "audio-start" and types[1] == "speakd-words" and types[-1] == "audio-stop"
+    assert len(words_of) >= 2
+    sent = "".join(" ".join(pieces[i : i + 4]) + " " for i in range(0, len(pieces), 4))
+    words = [w for segment in words_of for w in segment]
+    assert [w["word"] for w in words] == re.findall(r"[\w']+", REPLY)
+    assert all(sent[w["char_start"] : w["char_end"]] == w["word"] for w in words)  # type: ignore[misc]
+    assert all(0 <= w["start_ms"] < w["end_ms"] <= audio_ms for w in words)  # type: ignore[operator]
+    assert chunk_ms == sorted(chunk_ms)
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        plain = Synthesize(text=SENTENCE).event()
+        await c.write_event(plain)
+        reply = await collect(c, "audio-stop")
+        assert "speakd-words" not in reply.types
+        bad = Synthesize(text=SENTENCE).event()
+        bad.data["speakd_words"] = "yes"
+        await c.write_event(bad)
+        refused = await collect(c, "error")
+        assert "speakd_words" in refused.errors[0].text and "audio-start" not in refused.types

@@ -13,6 +13,11 @@ ignored (answering them with a disconnect broke other servers); an event without
 with empty data. A malformed or oversized event gets an `error` event, then the connection closes.
 A connection that drops cancels its work in every stage.
 
+Wyoming has no word-timing event. A peer that wants one sets `"speakd_words": true` in the data of its
+`synthesize` or `synthesize-start` (Home Assistant never does): it then gets, after `audio-start` and
+before each segment's first `audio-chunk`, a `speakd-words` event whose `words` are timed in ms on the
+clock of the chunks' `timestamp`, with code-point spans into the text sent.
+
 Wyoming has no authentication: the door listens on loopback unless `wyoming.allow_remote` is set.
 """
 
@@ -23,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from wyoming.audio import AudioChunk as WyomingAudioChunk
 from wyoming.audio import AudioStart, AudioStop
@@ -37,7 +42,7 @@ from speakd.protocol import ErrorCode
 from speakd.server.audio.containers import open_container_encoder
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentWords
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.frontends.wyoming_wire import MAX_HEADER_BYTES, WyomingWireError, read_event
 
@@ -51,6 +56,8 @@ CHANNELS = 1
 # Audio held for a reader that has not taken it yet: past this the pipeline holds this connection's work.
 STREAM_BUFFER_BYTES = 256 * 1024
 REFUSED = ""  # the stream whose start was refused: its chunks and stop are dropped quietly
+WORDS_FIELD = "speakd_words"  # speakd's extension: not Wyoming's, so prefixed
+WORDS_EVENT = "speakd-words"
 
 
 def bcp47(lang: str) -> str:
@@ -175,7 +182,7 @@ class WyomingConnection:
                 await self._error("a stream is already open on this connection", ErrorCode.BAD_MESSAGE)
                 return
             voice = event.data.get("voice")
-            self._streaming = await self._open(voice, stream=True) or REFUSED
+            self._streaming = await self._open(voice, event.data, stream=True) or REFUSED
         elif SynthesizeChunk.is_type(event.type):
             if self._streaming == REFUSED:
                 return
@@ -201,16 +208,20 @@ class WyomingConnection:
             if not isinstance(text, str):
                 await self._error("synthesize needs a text string", ErrorCode.BAD_MESSAGE)
                 return
-            opened = await self._open(event.data.get("voice"), stream=False)
+            opened = await self._open(event.data.get("voice"), event.data, stream=False)
             if opened is not None:
                 await self._feed(opened, text, end=True)
         else:
             logger.debug("wyoming: ignoring an event of type %r", event.type)
 
-    async def _open(self, voice: object, *, stream: bool) -> str | None:
+    async def _open(self, voice: object, data: dict[str, object], *, stream: bool) -> str | None:
         """A new utterance, or None after an `error`; an unknown or missing voice name falls back to
         the default voice (Home Assistant may send a voice from another server's list)."""
         assert self._session is not None
+        words = data.get(WORDS_FIELD)
+        if words is not None and not isinstance(words, bool):
+            await self._error(f"{WORDS_FIELD} must be true or false", ErrorCode.BAD_MESSAGE)
+            return None
         backend = self._core.backend
         wanted = voice.get("name") if isinstance(voice, dict) else None
         chosen = wanted if isinstance(wanted, str) and wanted in backend.voice_names else None
@@ -226,6 +237,7 @@ class WyomingConnection:
                 speed=1.0,
                 encoder=lambda: open_container_encoder("pcm", backend.sample_rate),
                 sample_rate=backend.sample_rate,
+                words=bool(words),
             )
         except RequestRefused as exc:
             await self._error(exc.message, exc.code)
@@ -263,12 +275,13 @@ class WyomingConnection:
                 self._replies.popleft()
 
     async def _deliver(self, reply: _Reply, event: Event, audio: dict[str, int]) -> None:
-        if isinstance(event, AudioChunk):
+        if isinstance(event, SegmentWords):
+            await self._start_audio(reply, audio)
+            await self._write(WyomingEvent(WORDS_EVENT, {"words": [asdict(w) for w in event.words]}))
+        elif isinstance(event, AudioChunk):
             if not event.data:
                 return
-            if not reply.audio_started:
-                reply.audio_started = True
-                await self._write(AudioStart(timestamp=0, **audio).event())
+            await self._start_audio(reply, audio)
             chunk = WyomingAudioChunk(audio=event.data, timestamp=int(reply.position_ms), **audio)
             reply.position_ms += 1000 * event.samples / audio["rate"]
             await self._write(chunk.event())
@@ -280,6 +293,11 @@ class WyomingConnection:
             await self._write(AudioStop(timestamp=int(reply.position_ms)).event())
             if reply.stream:
                 await self._write(SynthesizeStopped().event())
+
+    async def _start_audio(self, reply: _Reply, audio: dict[str, int]) -> None:
+        if not reply.audio_started:
+            reply.audio_started = True
+            await self._write(AudioStart(timestamp=0, **audio).event())
 
     async def _error(self, text: str, code: ErrorCode) -> None:
         await self._write(WyomingError(text=text, code=code.value).event())
