@@ -158,13 +158,13 @@ class _WordTimeline:
 
     def announce(self) -> None:
         """Announce every pending word whose start playback has reached."""
-        assert self._on_word is not None or not self._pending
+        if self._on_word is None:
+            return
         position_ms = self._sink.position_s * 1000.0
         while self._pending and self._pending[0].start_ms <= position_ms:
             word = self._pending.popleft()
             self._report.words_heard.append(word)
-            if self._on_word is not None:
-                self._on_word(word)
+            self._on_word(word)
 
     async def run(self) -> None:
         if self._on_word is None:

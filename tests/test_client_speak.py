@@ -1,7 +1,7 @@
 """`speak()`: the text/audio pipeline, its report, and stopping at each stage."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -22,11 +22,17 @@ from speakd.protocol import (
     Start,
     Started,
     Text,
+    Words,
+    WordTiming,
     decode_client,
     encode,
 )
 
 FRAME = 480
+WORDS = (
+    WordTiming(word="Hi", start_ms=5.0, end_ms=20.0, char_start=0, char_end=2),
+    WordTiming(word="there", start_ms=40.0, end_ms=55.0, char_start=3, char_end=8),
+)
 
 
 class RecordingSink:
@@ -38,6 +44,7 @@ class RecordingSink:
         self.draining = asyncio.Event()
         self.drained = False
         self.closed = False
+        self.position_s = 0.0  # where "playback" is: tests move it
 
     async def write(self, pcm: npt.NDArray[np.int16]) -> None:
         self.pcm.append(pcm)
@@ -63,9 +70,12 @@ async def daemon(ws: ServerConnection, received: list[ClientMessage]) -> None:
         msg = decode_client(frame)
         received.append(msg)
         if isinstance(msg, Start):
-            await ws.send(encode(Started(voice="v", codec=AudioCodec.PCM16)))
+            words = msg.words
+            await ws.send(encode(Started(voice="v", codec=AudioCodec.PCM16, words=words)))
         elif isinstance(msg, End):
-            await ws.send(encode(Segment(segment=0, text="Hi.", start_ms=0.0)))
+            await ws.send(encode(Segment(segment=0, text="Hi there.", start_ms=0.0)))
+            if words:
+                await ws.send(encode(Words(segment=0, words=WORDS)))
             for seq in range(3):
                 data = np.full(FRAME, seq + 1, dtype="<i2").tobytes()
                 await ws.send(encode(Audio(segment=0, seq=seq, data=data, samples=FRAME)))
@@ -75,7 +85,10 @@ async def daemon(ws: ServerConnection, received: list[ClientMessage]) -> None:
 
 
 async def run(
-    text: AsyncIterator[str], sink: RecordingSink, stop: asyncio.Event
+    text: AsyncIterator[str],
+    sink: RecordingSink,
+    stop: asyncio.Event,
+    on_word: Callable[[WordTiming], None] | None = None,
 ) -> tuple[list[ClientMessage], SpeechReport]:
     received: list[ClientMessage] = []
 
@@ -95,6 +108,7 @@ async def run(
                 speed=1.0,
                 codec=AudioCodec.PCM16,
                 sample_rate=24000,
+                on_word=on_word,
             )
     return received, report
 
@@ -144,3 +158,30 @@ async def test_stopping_while_the_tail_plays_stops_playback_without_cancelling()
     assert report.interrupted
     assert sink.closed
     assert not any(isinstance(msg, Cancel) for msg in received)  # the context was already done
+
+
+async def test_words_are_announced_as_playback_reaches_them_and_unplayed_ones_never() -> None:
+    stop = asyncio.Event()
+    sink = RecordingSink(drain_forever=True)
+    heard: list[str] = []
+    task = asyncio.create_task(run(chunks("Hi there."), sink, stop, on_word=lambda w: heard.append(w.word)))
+    await asyncio.wait_for(sink.draining.wait(), 5.0)
+    await asyncio.sleep(0.1)
+    assert heard == []  # nothing played yet
+    sink.position_s = 0.030  # past "Hi" (5 ms), before "there" (40 ms)
+    for _ in range(100):
+        if heard:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert heard == ["Hi"]
+    stop.set()  # the listener barges in: "there" was never heard
+    received, report = await asyncio.wait_for(task, 5.0)
+    assert isinstance(received[0], Start) and received[0].words
+    assert [w.word for w in report.words_heard] == ["Hi"] and report.interrupted
+
+
+async def test_without_on_word_no_words_are_asked_for() -> None:
+    received, report = await run(chunks("Hi."), RecordingSink(), asyncio.Event())
+    assert isinstance(received[0], Start) and not received[0].words
+    assert report.words_heard == []
