@@ -2,16 +2,22 @@
 //
 // The page decodes on the main thread (WebCodecs does not exist in a worklet) and posts Float32 PCM at
 // the AudioContext's rate. Audio arrives in bursts, a sentence at a time, so playback waits for a short
-// pre-buffer, plays silence and waits for a pre-buffer twice as long (up to 0.8 s) when it runs dry (an
-// underrun), and reports how much of the stream it has played: the page times captions and time to first audio by
-// that, not by what has arrived. The ring is bounded; the page keeps the rest encoded and feeds it as
-// the reported position moves (flow control), so a long text costs little memory here.
+// pre-buffer before it starts. When it runs dry while the page still expects audio (an underrun: real
+// starvation), it plays silence and waits for a pre-buffer twice as long (up to 0.8 s), so a stream that
+// arrives slower than real time stutters less often; each 2 s of steady playback halves a grown
+// pre-buffer again. When the page says it is caught up (`idle`: every word of the text it sent and
+// flushed has its audio here), whatever is buffered plays at once, and running dry is no underrun: the
+// daemon simply has nothing more to say until more text comes. The worklet reports how much of the
+// stream it has played: the page times captions and time to first audio by that, not by what has
+// arrived. The ring is bounded; the page keeps the rest encoded and feeds it as the reported position
+// moves (flow control), so a long text costs little memory here.
 //
-// Messages in: begin {gen} (a new stream; silences the old one), push {gen, samples}, end {gen} (no
-// more audio: let a tail shorter than the pre-buffer play), stop {} (silence now, drop everything),
-// tap {on} (copy every output block to the page, for tests and measurements).
-// Messages out: status {gen, frame, played, buffered, underruns, playing, startedFrame, dropped},
-// drained {gen, frame}, stopped {frame}, tap {frame, samples}.
+// Messages in: begin {gen} (a new stream; silences the old one), push {gen, samples}, idle {gen, on}
+// (the page is caught up: play what is buffered; running dry is no underrun), end {gen} (no more audio:
+// let a tail shorter than the pre-buffer play), stop {} (silence now, drop everything), tap {on} (copy
+// every output block to the page, for tests and measurements).
+// Messages out: status {gen, frame, played, lastOut, buffered, underruns, prebuffer, playing,
+// startedFrame, dropped}, drained {gen, frame, played}, stopped {frame}, tap {frame, samples}.
 
 const STATUS_EVERY = 4; // render quanta between status reports: about 10 ms at 48 kHz
 const FADE_MS = 3; // a stop ramps down this fast instead of clicking
@@ -35,6 +41,9 @@ class SpeakdPlayer extends AudioWorkletProcessor {
 
   reset() {
     this.prebuffer = this.initialPrebuffer;
+    this.steady = 0; // frames played since the last underrun (or since the pre-buffer last shrank)
+    this.idle = false;
+    this.lastOut = -1; // the render frame just after the last sample played
     this.head = 0;
     this.size = 0;
     this.active = false;
@@ -56,6 +65,9 @@ class SpeakdPlayer extends AudioWorkletProcessor {
         break;
       case "push":
         if (msg.gen === this.gen && this.active) this.write(msg.samples);
+        break;
+      case "idle":
+        if (msg.gen === this.gen) this.idle = msg.on;
         break;
       case "end":
         if (msg.gen === this.gen) this.finished = true;
@@ -109,9 +121,10 @@ class SpeakdPlayer extends AudioWorkletProcessor {
     if (this.active && i < frames) {
       if (this.finished && !this.playing && this.size === 0) {
         this.active = false; // a stream that ended without (more) audio
-        this.port.postMessage({ type: "drained", gen: this.gen, frame: currentFrame + i });
+        this.drained(currentFrame + i);
       }
-      if (!this.playing && this.size > 0 && (this.size >= this.prebuffer || this.finished)) {
+      const ready = this.size >= this.prebuffer || this.finished || this.idle;
+      if (!this.playing && this.size > 0 && ready) {
         this.playing = true;
         if (this.startedFrame < 0) this.startedFrame = currentFrame + i;
         changed = true;
@@ -125,16 +138,25 @@ class SpeakdPlayer extends AudioWorkletProcessor {
         this.size -= take;
         this.played += take;
         i += take;
+        this.lastOut = currentFrame + i;
+        this.steady += take;
+        if (this.steady >= 2 * sampleRate && this.prebuffer > this.initialPrebuffer) {
+          this.prebuffer = Math.max(this.initialPrebuffer, Math.round(this.prebuffer / 2));
+          this.steady = 0;
+        }
         if (this.size === 0) {
           changed = true;
           if (this.finished) {
             this.active = false;
             this.playing = false;
-            this.port.postMessage({ type: "drained", gen: this.gen, frame: currentFrame + i });
+            this.drained(currentFrame + i);
+          } else if (this.idle) {
+            this.playing = false; // said all there is to say for now: wait for more, no underrun
           } else if (i < frames) {
-            // Ran dry mid-stream: wait for the pre-buffer again, a longer one each time, so a stream
-            // that arrives slower than real time stutters less often.
+            // Ran dry while audio was still owed: wait for the pre-buffer again, a longer one each time,
+            // so a stream that arrives slower than real time stutters less often.
             this.underruns += 1;
+            this.steady = 0;
             this.playing = false;
             this.prebuffer = Math.min(this.prebuffer * 2, Math.max(this.maxPrebuffer, this.initialPrebuffer));
           }
@@ -148,14 +170,20 @@ class SpeakdPlayer extends AudioWorkletProcessor {
     return true;
   }
 
+  drained(frame) {
+    this.port.postMessage({ type: "drained", gen: this.gen, frame, played: this.played });
+  }
+
   status(frames) {
     this.port.postMessage({
       type: "status",
       gen: this.gen,
       frame: currentFrame + frames,
       played: this.played,
+      lastOut: this.lastOut,
       buffered: this.size,
       underruns: this.underruns,
+      prebuffer: this.prebuffer,
       playing: this.playing,
       startedFrame: this.startedFrame,
       dropped: this.dropped,
