@@ -36,6 +36,7 @@ from speakd.protocol import (
     ProtocolError,
     Segment,
     ServerMessage,
+    Skipped,
     Start,
     Started,
     Text,
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}{PATH}"
 
-ContextMessage: TypeAlias = Segment | Words | Audio | Done
+ContextMessage: TypeAlias = Segment | Words | Skipped | Audio | Done
 """What iterating a connection yields; errors are raised as `ServerError` instead."""
 
 
@@ -172,7 +173,7 @@ class Connection:
         except ConnectionClosed as exc:
             raise StreamError(f"connection to {self.url} closed: {exc}") from exc
 
-    async def _receive(self) -> Started | Segment | Words | Audio | Done:
+    async def _receive(self) -> Started | Segment | Words | Skipped | Audio | Done:
         """Next message for our context; errors that concern us are raised, other contexts skipped."""
         while True:
             msg = await self._receive_any()

@@ -19,6 +19,7 @@ from .messages import (
     DEFAULT_CONTEXT,
     DEFAULT_FRAME_MS,
     DEFAULT_LANG,
+    DEFAULT_MAX_SPEED,
     DEFAULT_SAMPLE_RATE,
     DEFAULT_SPEED,
     FRAME_DURATIONS_MS,
@@ -37,6 +38,7 @@ from .messages import (
     Message,
     Segment,
     ServerMessage,
+    Skipped,
     Start,
     Started,
     Text,
@@ -133,6 +135,8 @@ def _start(f: Fields) -> Start:
         sample_rate=f.integer("sample_rate", DEFAULT_SAMPLE_RATE, allowed=SAMPLE_RATES),
         frame_ms=f.integer("frame_ms", DEFAULT_FRAME_MS, allowed=FRAME_DURATIONS_MS),
         words=f.boolean("words", False),
+        max_lag_ms=f.optional_integer("max_lag_ms", minimum=1),
+        max_speed=f.number("max_speed", DEFAULT_MAX_SPEED, minimum=MIN_SPEED, maximum=MAX_SPEED),
     )
 
 
@@ -163,6 +167,7 @@ def _started(f: Fields) -> Started:
         pre_skip=f.integer("pre_skip"),
         # Added in 1.1: a server from before leaves it out, and sends no `words`.
         words=f.boolean("words", False),
+        max_lag_ms=f.optional_integer("max_lag_ms", minimum=1),  # 1.2
     )
 
 
@@ -187,6 +192,10 @@ def _word(f: Fields) -> WordTiming:
 
 def _words(f: Fields) -> Words:
     return Words(context=f.context(), segment=f.integer("segment"), words=tuple(f.records("words", _word)))
+
+
+def _skipped(f: Fields) -> Skipped:
+    return Skipped(context=f.context(), char_start=f.integer("char_start"), char_end=f.integer("char_end"))
 
 
 def _audio(f: Fields) -> Audio:
@@ -229,6 +238,7 @@ _SERVER_BUILDERS: dict[str, Callable[[Fields], ServerMessage]] = {
     Started.type: _started,
     Segment.type: _segment,
     Words.type: _words,
+    Skipped.type: _skipped,
     Audio.type: _audio,
     Done.type: _done,
     Error.type: _error,

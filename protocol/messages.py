@@ -12,7 +12,7 @@ from .errors import ErrorCode
 
 PATH = "/v1/stream"
 # Minor versions only add: fields an older peer ignores and messages sent only when asked for.
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
@@ -29,6 +29,7 @@ DEFAULT_LANG = "en-us"
 DEFAULT_SPEED = 1.0
 DEFAULT_SAMPLE_RATE = 24000
 DEFAULT_FRAME_MS = 20
+DEFAULT_MAX_SPEED = 1.4  # a live context's ceiling when it catches up (`Start.max_speed`)
 
 
 class AudioCodec(StrEnum):
@@ -65,6 +66,10 @@ class Start:
     sample_rate: int = DEFAULT_SAMPLE_RATE
     frame_ms: int = DEFAULT_FRAME_MS
     words: bool = False
+    # A live source (protocol 1.2): keep the lag from text to its audio under `max_lag_ms`, speeding
+    # up to `max_speed`, then skipping the oldest whole sentences (`Skipped`). None: not live.
+    max_lag_ms: int | None = None
+    max_speed: float = DEFAULT_MAX_SPEED
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +121,7 @@ class Started:
     frame_ms: int = DEFAULT_FRAME_MS
     pre_skip: int = 0
     words: bool = False
+    max_lag_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +160,17 @@ class Words:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Skipped:
+    """A live context fell behind its source: this text (code points of all the text sent to the
+    context, end exclusive), whole sentences, will not be spoken (protocol 1.2)."""
+
+    type: ClassVar[str] = "skipped"
+    context: str = DEFAULT_CONTEXT
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Audio:
     """One frame of audio: a single Opus packet, or raw little-endian int16 mono samples."""
 
@@ -189,5 +206,5 @@ class Error:
 
 
 ClientMessage: TypeAlias = Start | Text | Flush | End | Cancel
-ServerMessage: TypeAlias = Started | Segment | Words | Audio | Done | Error
+ServerMessage: TypeAlias = Started | Segment | Words | Skipped | Audio | Done | Error
 Message: TypeAlias = ClientMessage | ServerMessage

@@ -32,6 +32,7 @@ from speakd.protocol import (
     Error,
     Segment,
     ServerMessage,
+    Skipped,
     Started,
     Words,
     decode_server,
@@ -137,6 +138,7 @@ class Utterance:
     started: Started | None = None
     segments: list[Segment] = field(default_factory=list)
     words: list[Words] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     audio: list[Audio] = field(default_factory=list)
     errors: list[Error] = field(default_factory=list)
     done: Done | None = None
@@ -194,6 +196,8 @@ class Utterance:
             self.segments.append(msg)
         elif isinstance(msg, Words):
             self.words.append(msg)
+        elif isinstance(msg, Skipped):
+            self.skipped.append(msg)
         elif isinstance(msg, Audio):
             now = time.perf_counter()
             if self.first_audio_at is None:

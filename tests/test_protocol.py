@@ -28,6 +28,7 @@ from speakd.protocol import (
     ProtocolError,
     Segment,
     ServerMessage,
+    Skipped,
     Start,
     Started,
     Text,
@@ -54,6 +55,7 @@ CLIENT_MESSAGES: list[ClientMessage] = [
     ),
     Start(context="c", speed=0.5, sample_rate=8000, frame_ms=10),
     Start(context="w", words=True),
+    Start(context="live", max_lag_ms=5000, max_speed=1.6),
     Start(context="c", speed=2.0, sample_rate=12000, frame_ms=40),
     Text(text="Hello there. How are you?"),
     Text(context="x" * MAX_CONTEXT_ID_LENGTH, text=""),
@@ -71,6 +73,8 @@ SERVER_MESSAGES: list[ServerMessage] = [
     Segment(context="a", segment=0, text="Hello there.", start_ms=0.0),
     Segment(context="a", segment=3, text="Next.", start_ms=1234.5),
     Started(context="w", voice="v", words=True),
+    Started(context="live", voice="v", max_lag_ms=5000),
+    Skipped(context="live", char_start=120, char_end=240),
     Words(context="a", segment=0, words=()),
     Words(
         context="a",
@@ -117,7 +121,7 @@ def test_every_message_type_is_covered_and_tags_are_unique() -> None:
     client_types = {m.type for m in CLIENT_MESSAGES}
     server_types = {m.type for m in SERVER_MESSAGES}
     assert client_types == {"start", "text", "flush", "end", "cancel"}
-    assert server_types == {"started", "segment", "words", "audio", "done", "error"}
+    assert server_types == {"started", "segment", "words", "skipped", "audio", "done", "error"}
 
 
 def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
@@ -132,6 +136,8 @@ def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
         "sample_rate",
         "frame_ms",
         "words",
+        "max_lag_ms",
+        "max_speed",
     ]
     assert raw == {
         "type": "start",
@@ -143,6 +149,8 @@ def test_encode_writes_type_first_and_every_field_with_none_as_nil() -> None:
         "sample_rate": 24000,
         "frame_ms": 20,
         "words": False,
+        "max_lag_ms": None,
+        "max_speed": 1.4,
     }
     assert type(raw["codec"]) is str
 
@@ -295,6 +303,11 @@ MALFORMED: list[tuple[str, Decoder, bytes, ErrorCode, str | None, str]] = [
     ("started 2 channels", S, msg("started", **(STARTED | {"channels": 2})), INVALID, D, "channels"),
     ("started no voice", S, msg("started", **NO_VOICE), BAD, D, "voice"),
     ("start words as int", C, msg("start", words=1), BAD, D, "words"),
+    ("max_lag_ms float", C, msg("start", max_lag_ms=2000.5), BAD, D, "max_lag_ms"),
+    ("max_lag_ms zero", C, msg("start", max_lag_ms=0), INVALID, D, "max_lag_ms"),
+    ("max_speed 3", C, msg("start", max_speed=3.0), INVALID, D, "max_speed"),
+    ("max_speed str", C, msg("start", max_speed="fast"), BAD, D, "max_speed"),
+    ("skipped no end", S, msg("skipped", char_start=0), BAD, D, "char_end"),
     ("start words as str", C, msg("start", words="yes"), BAD, D, "words"),
     ("started words nil", S, msg("started", **(STARTED | {"words": None})), BAD, D, "words"),
     ("words missing list", S, msg("words", segment=0), BAD, D, "words"),
@@ -405,9 +418,11 @@ FIELD_NAMES = [
     "context", "voice", "lang", "speed", "codec", "sample_rate", "frame_ms", "text", "channels",
     "pre_skip", "segment", "start_ms", "seq", "data", "samples", "reason", "audio_ms", "segments",
     "code", "message", "retry_after_ms", "words", "word", "end_ms", "char_start", "char_end",
+    "max_lag_ms", "max_speed",
 ]  # fmt: skip
 TYPE_NAMES = [
-    "start", "text", "flush", "end", "cancel", "started", "segment", "words", "audio", "done", "error",
+    "start", "text", "flush", "end", "cancel", "started", "segment", "words", "skipped", "audio", "done",
+    "error",
 ]  # fmt: skip
 
 

@@ -35,6 +35,15 @@ class SegmentWords:
 
 
 @dataclass(frozen=True, slots=True)
+class Skipped:
+    """A live utterance fell too far behind its source: this text (code points of all the text fed,
+    end exclusive), whole sentences, will not be spoken. Comes before the next `SegmentStarted`."""
+
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True, slots=True)
 class AudioChunk:
     """Encoded audio of the current segment: a wire frame, or container bytes (maybe empty at first)."""
 
@@ -63,7 +72,7 @@ class Finished:
     segments: int
 
 
-Event = SegmentStarted | SegmentWords | AudioChunk | Failed | Finished
+Event = SegmentStarted | SegmentWords | Skipped | AudioChunk | Failed | Finished
 
 
 class EventSink(Protocol):

@@ -111,6 +111,9 @@ class Located:
 
     text: str
     offset: int
+    # Whether the segment ends a sentence (or the text): false for a first clause cut early and a
+    # long sentence cut at `max_chars`, whose rest follows in the next segment.
+    ends_sentence: bool = True
 
 
 class Segmenter:
@@ -155,7 +158,7 @@ class Segmenter:
     def flush_located(self) -> list[Located]:
         """`flush`, with where each segment starts in the context's text."""
         out = self._scan(final=True)
-        self._cut(len(self._buf), out)
+        self._cut(len(self._buf), out, sentence=True)
         self._dropped += len(self._buf)
         self._buf = ""
         self._start = self._pos = 0
@@ -177,16 +180,17 @@ class Segmenter:
                     break
                 p += 1
                 if ends:
-                    self._cut(p, out)
+                    last = buf[p - 1]
+                    self._cut(p, out, sentence=last in _NEWLINES or last in _TERMINATORS or last in _CLOSERS)
         self._pos = p
         return out
 
-    def _cut(self, end: int, out: list[Located]) -> int:
+    def _cut(self, end: int, out: list[Located], *, sentence: bool) -> int:
         raw = self._buf[self._start : end]
         segment = raw.strip()
         if any(ch.isalnum() for ch in segment):
             lead = len(raw) - len(raw.lstrip())
-            out.append(Located(segment, self._dropped + self._start + lead))
+            out.append(Located(segment, self._dropped + self._start + lead, sentence))
             self._first = False
         self._start = end
         return end
@@ -196,13 +200,13 @@ class Segmenter:
         buf, start = self._buf, self._start
         for j in range(p - 1, start - 1, -1):
             if self._clause_ends_after(j, final=False):
-                return self._cut(j + 1, out)
+                return self._cut(j + 1, out, sentence=False)
         for j in range(p, start, -1):
             if buf[j].isspace():
-                return self._cut(j, out)
+                return self._cut(j, out, sentence=False)
         while p > start + 1 and _joins_previous(buf[p], buf[p - 1]):
             p -= 1
-        return self._cut(p, out)
+        return self._cut(p, out, sentence=False)
 
     def _ends_after(self, p: int, *, final: bool) -> bool | None:
         """Whether a segment ends right after ``p``; None means the lookahead has not arrived yet."""

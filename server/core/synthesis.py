@@ -19,6 +19,7 @@ from speakd.server.config import Config
 from speakd.server.core.admission import Admission
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.events import EventSink
+from speakd.server.core.pace import Pace, check_pace
 from speakd.server.core.segmenter import Segmenter
 from speakd.server.core.utterance import Utterance
 from speakd.server.engines.backend import SpeechBackend
@@ -174,10 +175,12 @@ class Session:
         encoder: Callable[[], AudioEncoder],
         sample_rate: int,
         words: bool = False,
+        pace: Pace | None = None,
     ) -> Utterance:
         """Open utterance `name` after checking everything it asks for; `encoder` is called last, so
         a refused request never builds one. With `words`, each segment's word timing comes before
-        its audio (`SegmentWords`). In queue mode, an utterance without a place yet opens
+        its audio (`SegmentWords`). With `pace`, a live context: its lag is kept under `pace.max_lag_s`
+        (`core.pace`). In queue mode, an utterance without a place yet opens
         `queued`: it takes text at once and synthesizes it once admitted (or gets `overloaded`)."""
         if self._core.closing or self.closed:
             raise RequestRefused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; no new contexts", name)
@@ -194,6 +197,8 @@ class Session:
         low, high = SPEED_RANGE
         if not low <= speed <= high:
             raise RequestRefused(ErrorCode.INVALID_PARAM, f"speed must be between {low} and {high}", name)
+        if pace is not None:
+            check_pace(pace, speed, name)
         queued = self._core.admission.must_wait(name)
         config = self._core.config
         utterance = Utterance(
@@ -214,6 +219,7 @@ class Session:
             on_closed=self._forget,
             queued=queued,
             words=words,
+            pace=pace,
         )
         self._utterances[name] = utterance
         self._idle.clear()

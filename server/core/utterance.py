@@ -8,6 +8,7 @@ opened to wait for admission (`queued`) takes text as usual but holds its segmen
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,10 @@ from speakd.server.core.events import (
     Finished,
     SegmentStarted,
     SegmentWords,
+    Skipped,
 )
+from speakd.server.core.live import LiveHold
+from speakd.server.core.pace import Pace
 from speakd.server.core.segmenter import Located, Segmenter
 from speakd.server.errors import SynthesisError
 from speakd.server.metrics import SpeakdMetrics
@@ -50,8 +54,10 @@ class Utterance:
         on_closed: Callable[[Utterance], None],
         queued: bool = False,
         words: bool = False,
+        pace: Pace | None = None,
     ) -> None:
-        """`words`: announce each segment's word timing (`SegmentWords`) before its audio."""
+        """`words`: announce each segment's word timing (`SegmentWords`) before its audio. `pace`: a
+        live context, whose lag is kept under a bound by speeding up and skipping (`core.pace`)."""
         self.name = name
         self.words = words
         self.sample_rate = sample_rate
@@ -72,6 +78,12 @@ class Utterance:
         self._audio_started = False
         self.queued = queued
         self._held: list[Located] = []  # segments cut while queued, in order, for the pipeline
+        self._live = LiveHold(pace, speed) if pace is not None else None
+        self._live_timer: asyncio.TimerHandle | None = None
+        self._ended = False  # the pipeline has the end marker
+        # A live context's segments handed over and not yet wholly produced, by segment index (two
+        # at most): [predicted seconds, seconds produced, characters, speed].
+        self._live_made: dict[int, list[float]] = {}
 
     @property
     def voice(self) -> str:
@@ -99,7 +111,9 @@ class Utterance:
     @property
     def held_chars(self) -> int:
         """Text taken but not yet through the first stage: what counts against the text budget."""
-        return self._segmenter.buffered_chars + self._job.pending_chars + sum(len(s.text) for s in self._held)
+        live = self._live.chars if self._live is not None else 0
+        held = sum(len(s.text) for s in self._held)
+        return self._segmenter.buffered_chars + self._job.pending_chars + held + live
 
     @property
     def submitted_any(self) -> bool:
@@ -112,10 +126,15 @@ class Utterance:
             return
         self.queued = False
         held, self._held = self._held, []
+        if self._live is not None:
+            for segment in held:
+                self._live.hold(segment)
+            self._pump_live()
+            return
         for segment in held:
             self._pipeline.submit(self._job, segment.text, segment.offset)
         if self.ending:
-            self._pipeline.end(self._job)
+            self._end_pipeline()
 
     # -- what a door asks ----------------------------------------------------------------------------
 
@@ -130,6 +149,8 @@ class Utterance:
                 f"the limit is {self._text_budget}: wait for audio, then send more",
                 self.name,
             )
+        if self._live is not None:
+            self._live.arrived(text, time.monotonic())
         self._submit(self._segmenter.feed_located(text))
 
     def flush(self) -> None:
@@ -142,13 +163,14 @@ class Utterance:
         self._check_open()
         self._submit(self._segmenter.flush_located())
         self.ending = True
-        if not self.queued:
-            self._pipeline.end(self._job)
+        if not self.queued and not self._live:
+            self._end_pipeline()
 
     def cancel(self, reason: DoneReason = DoneReason.CANCEL) -> None:
         """Stop now: queued work leaves every stage, unsent audio is withdrawn, `Finished` follows."""
         if self.closed:
             return
+        self._stop_live()
         self._pipeline.cancel(self._job)
         self._sink.retract(self)
         self._close(reason)
@@ -171,6 +193,7 @@ class Utterance:
         """The reader is gone: stop all work and send nothing."""
         if self.closed:
             return
+        self._stop_live()
         self._pipeline.cancel(self._job)
         self.closed = True
         self._on_closed(self)
@@ -188,8 +211,66 @@ class Utterance:
                 self._first_submit_at = time.perf_counter()
             if self.queued:
                 self._held.append(segment)
+            elif self._live is not None:
+                self._live.hold(segment)
             else:
                 self._pipeline.submit(self._job, segment.text, segment.offset)
+        if self._live is not None and segments:
+            self._pump_live()
+
+    def _end_pipeline(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._pipeline.end(self._job)
+
+    # -- a live context: one segment at a time, each when due (see `core.live`) -------------------------
+
+    def _pump_live(self) -> None:
+        """Hand the pipeline the next held segment once the listener's audio ahead runs low, after
+        the skips and at the speed `pace.decide` chooses; then the end marker once all are handed."""
+        live = self._live
+        if live is None or self.closed or self.queued:
+            return
+        self._cancel_live_timer()
+        if live:
+            job = self._job
+            if job.pending_chars > 0 or job.segments_made > self.segments:
+                self._recheck(0.05)  # the last one handed over is still being made
+                return
+            now = time.monotonic()
+            unmade = sum(max(0.0, expected - made) for expected, made, _, _ in self._live_made.values())
+            ahead = job.playback.slack(now) + unmade
+            if ahead > live.horizon_s:
+                self._recheck(ahead - live.horizon_s)
+                return
+            handover = live.next(now, ahead)
+            if handover.skipped:
+                first, last = handover.skipped[0], handover.skipped[-1]
+                self._emit(Skipped(first.offset, last.end))
+            segment = handover.segment
+            if segment is None:
+                if self.ending:
+                    self._end_pipeline()
+                return
+            # G2P is idle, so this text's (first) segment gets the next index.
+            expected = live.seconds(segment) / handover.speed
+            self._live_made[job.segments_made] = [expected, 0.0, len(segment.text), handover.speed]
+            self._pipeline.submit(job, segment.text, segment.offset, handover.speed)
+        if not live and self.ending:
+            self._end_pipeline()
+
+    def _recheck(self, delay_s: float) -> None:
+        self._live_timer = asyncio.get_running_loop().call_later(delay_s, self._pump_live)
+
+    def _cancel_live_timer(self) -> None:
+        if self._live_timer is not None:
+            self._live_timer.cancel()
+            self._live_timer = None
+
+    def _stop_live(self) -> None:
+        self._cancel_live_timer()
+        if self._live is not None:
+            self._live.clear()
 
     # -- results from the pipeline (JobSink) ------------------------------------------------------------
 
@@ -197,7 +278,11 @@ class Utterance:
         return self._sink.has_room(self)
 
     def deliver(self, job: Job, segment: EncodedSegment) -> None:
-        if self.closed or job.cancelled or not segment.frames:
+        if self.closed or job.cancelled:
+            return
+        if not segment.frames:
+            if self._live is not None:
+                self._live_progress(segment)
             return
         if not self._audio_started and self._first_submit_at is not None:
             self._audio_started = True
@@ -212,6 +297,19 @@ class Utterance:
             if self.words:
                 self._emit(SegmentWords(segment.index, self._timeline(segment, start_ms)))
         self._send_frames(segment.frames)
+        if self._live is not None:
+            self._live_progress(segment)
+
+    def _live_progress(self, segment: EncodedSegment) -> None:
+        """Count a live segment's audio as it is made; once whole, learn the voice's rate from it."""
+        assert self._live is not None
+        made = self._live_made.get(segment.index)
+        if made is not None:
+            made[1] += sum(frame.samples for frame in segment.frames) / self.sample_rate
+            if segment.last_part:
+                del self._live_made[segment.index]
+                self._live.observe(int(made[2]), made[1], made[3])
+        self._pump_live()
 
     @staticmethod
     def _timeline(segment: EncodedSegment, start_ms: float) -> tuple[WordTiming, ...]:

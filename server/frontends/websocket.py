@@ -34,6 +34,7 @@ from speakd.protocol import (
     ProtocolError,
     Segment,
     ServerMessage,
+    Skipped,
     Start,
     Started,
     Text,
@@ -44,7 +45,16 @@ from speakd.protocol import (
 )
 from speakd.server.audio.encoders import make_encoder
 from speakd.server.core.errors import RequestRefused
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted, SegmentWords
+from speakd.server.core.events import (
+    AudioChunk,
+    Event,
+    Failed,
+    Finished,
+    SegmentStarted,
+    SegmentWords,
+)
+from speakd.server.core.events import Skipped as SkippedText
+from speakd.server.core.pace import Pace
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 
@@ -227,6 +237,7 @@ class Connection:
             ),
             sample_rate=msg.sample_rate,
             words=msg.words,
+            pace=None if msg.max_lag_ms is None else Pace(msg.max_lag_ms / 1000, msg.max_speed),
         )
         self._send(
             None,
@@ -238,6 +249,7 @@ class Connection:
                 frame_ms=msg.frame_ms,
                 pre_skip=utterance.encoder.pre_skip,
                 words=msg.words,
+                max_lag_ms=msg.max_lag_ms,
             ),
         )
 
@@ -261,6 +273,9 @@ class Connection:
             )
         if isinstance(event, SegmentWords):
             return self._send(utterance, Words(context=name, segment=event.segment, words=event.words))
+        if isinstance(event, SkippedText):
+            skipped = Skipped(context=name, char_start=event.char_start, char_end=event.char_end)
+            return self._send(utterance, skipped)
         if isinstance(event, Failed):
             error = Error(
                 context=name, code=event.code, message=event.message, retry_after_ms=_ms(event.retry_after_s)

@@ -93,6 +93,11 @@ class TextItem:
     text: str
     first: bool
     offset: int = 0
+    speed: float | None = None  # this text's own speed (a live context catching up); None: the job's
+
+    @property
+    def effective_speed(self) -> float:
+        return self.job.speed if self.speed is None else self.speed
 
 
 @dataclass(slots=True)
@@ -117,6 +122,7 @@ class EncodedSegment:
     text: str
     frames: list[Frame]
     words: tuple[TimedWord, ...] = ()
+    last_part: bool = True
 
 
 @dataclass(slots=True)

@@ -159,10 +159,11 @@ class Pipeline:
         for name, function in steps:
             value = await stages[name].call(function, value)
 
-    def submit(self, job: Job, text: str, offset: int = 0) -> None:
-        """Queue `text`, which starts at code point `offset` of all the text `job` was fed."""
+    def submit(self, job: Job, text: str, offset: int = 0, speed: float | None = None) -> None:
+        """Queue `text`, which starts at code point `offset` of all the text `job` was fed, spoken at
+        `speed` (None: the job's)."""
         job.playback.submitted()
-        item = TextItem(job, text, first=job.texts_submitted == 0, offset=offset)
+        item = TextItem(job, text, first=job.texts_submitted == 0, offset=offset, speed=speed)
         job.texts_submitted += 1
         job.submitted_chars += len(text)
         self._text_queue.put_nowait(job, item, urgent=item.first)
@@ -247,6 +248,7 @@ class Pipeline:
                 item.text,
                 item.job.encoder.encode(item.audio, end_of_segment=item.last_part),
                 item.words,
+                item.last_part,
             )
             for item in items
         ]

@@ -44,6 +44,7 @@ class PhonemesItem:
     tokens: tuple[int, ...]
     words: tuple[WordTokens, ...] = ()
     offset: int = 0  # where the G2P input starts in the job's text: word spans are relative to it
+    speed: float = 1.0
 
 
 @dataclass(slots=True)
@@ -66,7 +67,7 @@ def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
     """An acoustic item's batch cost: the frames it will probably make (BOS/EOS included)."""
     if isinstance(item, EndMarker):
         return 0
-    return math.ceil(FRAMES_PER_TOKEN * (len(item.tokens) + 2) / item.job.speed)
+    return math.ceil(FRAMES_PER_TOKEN * (len(item.tokens) + 2) / item.speed)
 
 
 def _window_frames(item: FeaturesItem | EndMarker) -> int:
@@ -98,7 +99,13 @@ class KokoroStages:
             for chunk in chunks:
                 out.append(
                     PhonemesItem(
-                        item.job, item.job.segments_made, chunk.text, chunk.tokens, chunk.words, item.offset
+                        item.job,
+                        item.job.segments_made,
+                        chunk.text,
+                        chunk.tokens,
+                        chunk.words,
+                        item.offset,
+                        item.effective_speed,
                     )
                 )
                 item.job.segments_made += 1
@@ -107,7 +114,7 @@ class KokoroStages:
 
     def _acoustic(self, items: list[PhonemesItem]) -> list[FeaturesItem]:
         requests = [
-            AcousticRequest(item.tokens, self._voices.style(item.job.voice, len(item.tokens)), item.job.speed)
+            AcousticRequest(item.tokens, self._voices.style(item.job.voice, len(item.tokens)), item.speed)
             for item in items
         ]
         out: list[FeaturesItem] = []
