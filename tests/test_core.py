@@ -21,6 +21,7 @@ from speakd.server.audio.encoders import Pcm16FrameEncoder
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
 from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentStarted, SegmentWords
+from speakd.server.core.pace import Pace
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.core.utterance import Utterance
 from speakd.server.engines.kokoro.engine import AcousticFeatures
@@ -29,7 +30,15 @@ from speakd.server.pipeline.capacity import CapacityMeter
 FRAME_BYTES = 960  # 20 ms of PCM16 at 24 kHz
 
 
-def open_pcm(session: Session, name: str = "u", voice: str | None = None, lang: str = "en-us") -> Utterance:
+def open_pcm(
+    session: Session,
+    name: str = "u",
+    voice: str | None = None,
+    lang: str = "en-us",
+    *,
+    words: bool = False,
+    pace: Pace | None = None,
+) -> Utterance:
     return session.open(
         name,
         voice=voice,
@@ -37,6 +46,8 @@ def open_pcm(session: Session, name: str = "u", voice: str | None = None, lang: 
         speed=1.0,
         encoder=lambda: Pcm16FrameEncoder(24000, 20),
         sample_rate=24000,
+        words=words,
+        pace=pace,
     )
 
 
@@ -163,15 +174,7 @@ async def test_word_timing_follows_each_segment_start_on_the_utterance_timeline(
     async with running_core(engine=TokenFrameEngine()) as core:
         stream = stream_for(core)
         session = core.admit(stream)
-        utterance = session.open(
-            "u",
-            voice=None,
-            lang="en-us",
-            speed=1.0,
-            encoder=lambda: Pcm16FrameEncoder(24000, 20),
-            sample_rate=24000,
-            words=True,
-        )
+        utterance = open_pcm(session, words=True)
         for i in range(0, len(text), 4):
             utterance.feed(text[i : i + 4])
         utterance.end()

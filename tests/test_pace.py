@@ -14,9 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from core_fakes import FakeEngine, running_core
-from test_core import stream_for
+from test_core import open_pcm, stream_for
 
-from speakd.server.audio.encoders import Pcm16FrameEncoder
 from speakd.server.core.errors import RequestRefused
 from speakd.server.core.events import AudioChunk, Event, Finished, SegmentStarted, Skipped
 from speakd.server.core.pace import HeldSegment, Pace, decide
@@ -109,15 +108,7 @@ async def live_run(
     async with running_core(engine=engine) as core:
         stream = stream_for(core)
         session = core.admit(stream)
-        utterance = session.open(
-            "live",
-            voice=None,
-            lang="en-us",
-            speed=1.0,
-            encoder=lambda: Pcm16FrameEncoder(24000, 20),
-            sample_rate=24000,
-            pace=pace,
-        )
+        utterance = open_pcm(session, "live", pace=pace)
         text = ""
         events: list[tuple[float, Event]] = []
 
@@ -180,13 +171,5 @@ async def test_a_bound_too_tight_or_a_ceiling_too_high_is_refused() -> None:
         session = core.admit(stream_for(core))
         for pace in (Pace(0.5, 1.4), Pace(3.0, 0.9), Pace(3.0, 2.5)):
             with pytest.raises(RequestRefused, match="max_"):
-                session.open(
-                    "x",
-                    voice=None,
-                    lang="en-us",
-                    speed=1.0,
-                    encoder=lambda: Pcm16FrameEncoder(24000, 20),
-                    sample_rate=24000,
-                    pace=pace,
-                )
+                open_pcm(session, "x", pace=pace)
         session.close()
