@@ -177,6 +177,7 @@ def _segment(f: Fields) -> Segment:
         segment=f.integer("segment"),
         text=f.string("text"),
         start_ms=f.number("start_ms"),
+        speed=f.number("speed", 1.0, minimum=MIN_SPEED, maximum=MAX_SPEED),  # 1.2
     )
 
 

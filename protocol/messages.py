@@ -126,13 +126,15 @@ class Started:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Segment:
-    """Announces the text behind the audio that follows, for captions and progress."""
+    """Announces the text behind the audio that follows, for captions and progress; `speed` is what
+    it is spoken at (since 1.2: a live context catching up speeds segments up)."""
 
     type: ClassVar[str] = "segment"
     context: str = DEFAULT_CONTEXT
     segment: int
     text: str
     start_ms: float
+    speed: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -71,7 +71,7 @@ SERVER_MESSAGES: list[ServerMessage] = [
     Started(context="a", voice="v", codec=AudioCodec.PCM16, sample_rate=16000, frame_ms=10, pre_skip=0),
     Started(context="a", voice="v", codec=AudioCodec.OPUS, sample_rate=48000, frame_ms=20, pre_skip=312),
     Segment(context="a", segment=0, text="Hello there.", start_ms=0.0),
-    Segment(context="a", segment=3, text="Next.", start_ms=1234.5),
+    Segment(context="a", segment=3, text="Next.", start_ms=1234.5, speed=1.25),
     Started(context="w", voice="v", words=True),
     Started(context="live", voice="v", max_lag_ms=5000),
     Skipped(context="live", char_start=120, char_end=240),

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class SegmentStarted:
-    """A segment's first audio follows; `start_ms` is where it starts in the utterance's audio."""
+    """A segment's first audio follows; `start_ms` is where it starts in the utterance's audio, and
+    `speed` what it is spoken at (a live context catching up speeds some segments up)."""
 
     index: int
     text: str
     start_ms: float
+    speed: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

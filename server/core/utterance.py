@@ -293,7 +293,7 @@ class Utterance:
             self.segments += 1
             self._metrics.segments.inc()
             start_ms = self.audio_ms
-            self._emit(SegmentStarted(segment.index, segment.text, start_ms))
+            self._emit(SegmentStarted(segment.index, segment.text, start_ms, segment.speed))
             if self.words:
                 self._emit(SegmentWords(segment.index, self._timeline(segment, start_ms)))
         self._send_frames(segment.frames)

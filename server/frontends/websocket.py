@@ -269,7 +269,13 @@ class Connection:
             # Owned like audio: a cancel takes an unsent announcement back with its frames.
             return self._send(
                 utterance,
-                Segment(context=name, segment=event.index, text=event.text, start_ms=event.start_ms),
+                Segment(
+                    context=name,
+                    segment=event.index,
+                    text=event.text,
+                    start_ms=event.start_ms,
+                    speed=event.speed,
+                ),
             )
         if isinstance(event, SegmentWords):
             return self._send(utterance, Words(context=name, segment=event.segment, words=event.words))

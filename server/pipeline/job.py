@@ -111,6 +111,7 @@ class WaveformItem:
     last_part: bool
     # The timing of the segment's words, on its first part only; () where the engine has none.
     words: tuple[TimedWord, ...] = ()
+    speed: float = 1.0  # what it was spoken at
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class EncodedSegment:
     frames: list[Frame]
     words: tuple[TimedWord, ...] = ()
     last_part: bool = True
+    speed: float = 1.0
 
 
 @dataclass(slots=True)

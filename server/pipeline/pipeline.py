@@ -249,6 +249,7 @@ class Pipeline:
                 item.job.encoder.encode(item.audio, end_of_segment=item.last_part),
                 item.words,
                 item.last_part,
+                item.speed,
             )
             for item in items
         ]

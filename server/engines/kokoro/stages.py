@@ -61,6 +61,7 @@ class FeaturesItem:
     seam: SeamCarry
     words: tuple[TimedWord, ...] = ()
     windows_done: int = 0
+    speed: float = 1.0
 
 
 def _phoneme_frames(item: PhonemesItem | EndMarker) -> int:
@@ -124,7 +125,16 @@ class KokoroStages:
             words = time_words(item.words, feats.durations, span.start, item.offset)
             out.append(
                 FeaturesItem(
-                    item.job, item.index, item.text, feats, span, span.start, Stitcher(), SeamCarry(), words
+                    item.job,
+                    item.index,
+                    item.text,
+                    feats,
+                    span,
+                    span.start,
+                    Stitcher(),
+                    SeamCarry(),
+                    words,
+                    speed=item.speed,
                 )
             )
         return out
@@ -155,7 +165,7 @@ class KokoroStages:
         for item, window, wave in zip(items, windows, rendered, strict=True):
             audio = item.stitcher.add(window, wave)
             words = item.words if not item.windows_done else ()
-            out.append(WaveformItem(item.job, item.index, item.text, audio, window.last, words))
+            out.append(WaveformItem(item.job, item.index, item.text, audio, window.last, words, item.speed))
             if not window.last:
                 item.position = window.end
                 item.windows_done += 1
