@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from captions import CAPTIONS
 from daemon import Daemon, client, transcribe, word_errors
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -372,3 +373,80 @@ async def test_word_timing_is_an_opt_in_extension(daemon: Daemon) -> None:
         await c.write_event(bad)
         refused = await collect(c, "error")
         assert "speakd_words" in refused.errors[0].text and "audio-start" not in refused.types
+
+
+async def test_a_live_stream_keeps_pace_by_skipping_whole_captions(daemon: Daemon) -> None:
+    """`speakd_max_lag_ms` in `synthesize-start`: captions faster than the voice are spoken within the
+    bound, the oldest skipped whole and told by `speakd-skipped` spans; spoken and skipped together
+    are every caption once, in order. Bad values get an `error` and no audio."""
+    port = daemon.wyoming_port()
+    bound_s = 3.0
+    sent, sent_at = "", []
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        start = SynthesizeStart().event()
+        start.data.update(speakd_max_lag_ms=int(bound_s * 1000), speakd_max_speed=1.4, speakd_words=True)
+        await c.write_event(start)
+        events: list[tuple[float, Event]] = []
+
+        async def read() -> None:
+            async with asyncio.timeout(240):
+                while (event := await c.read_event()) is not None:
+                    events.append((time.perf_counter(), event))
+                    if event.type == "synthesize-stopped":
+                        return
+
+        reader = asyncio.create_task(read())
+        for caption in CAPTIONS:
+            sent_at.append(time.perf_counter())
+            await c.write_event(SynthesizeChunk(text=caption + " ").event())
+            sent += caption + " "
+            await asyncio.sleep(0.5)
+        await c.write_event(SynthesizeStop().event())
+        await reader
+    types = [event.type for _, event in events]
+    assert "error" not in types and types[-2:] == ["audio-stop", "synthesize-stopped"]
+    skips = [(e.data["char_start"], e.data["char_end"]) for _, e in events if e.type == "speakd-skipped"]
+    assert skips, "12 captions in 6 s are 35 s of speech: some must be skipped"
+    # Words spoken and text skipped, in the order they came, rebuild every caption exactly once.
+    pieces: list[str] = []
+    clock, rate, playing = 0.0, 24000, None
+    lags: list[float] = []
+    for arrived, event in events:
+        if event.type == "speakd-skipped":
+            start_char, end_char = event.data["char_start"], event.data["char_end"]
+            assert sent[start_char:end_char].endswith(".") and (
+                start_char == 0 or sent[start_char - 1] == " "
+            )
+            pieces.append(sent[start_char:end_char])
+        elif event.type == "speakd-words":
+            words = event.data["words"]
+            pieces.extend(sent[w["char_start"] : w["char_end"]] for w in words)
+            playing = sent_at[sent[: words[0]["char_start"]].count(". ")] if words else None
+        elif AudioChunk.is_type(event.type):
+            chunk = AudioChunk.from_event(event)
+            # A listener playing in real time from 100 ms after the first chunk.
+            clock = max(clock, arrived) if clock else arrived + 0.1
+            if playing is not None:
+                lags.append(clock - playing)  # this caption's first audio plays now
+                playing = None
+            clock += len(chunk.audio) / 2 / rate
+    assert re.findall(r"[\w']+", " ".join(pieces)) == re.findall(r"[\w']+", sent)
+    assert lags and max(lags) <= bound_s + 1.5, lags
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        for data, expected in (
+            ({"speakd_max_lag_ms": "3000"}, "speakd_max_lag_ms"),
+            ({"speakd_max_lag_ms": 400}, "max_lag_ms"),
+            ({"speakd_max_lag_ms": 3000, "speakd_max_speed": 9}, "max_speed"),
+            ({"speakd_max_speed": 1.2}, "speakd_max_lag_ms"),
+        ):
+            bad = SynthesizeStart().event()
+            bad.data.update(data)
+            await c.write_event(bad)
+            refused = await collect(c, "error")
+            assert expected in refused.errors[0].text and "audio-start" not in refused.types
+            await c.write_event(SynthesizeStop().event())  # the refused stream's stop is dropped quietly
+        whole = Synthesize(text=SENTENCE).event()
+        whole.data["speakd_max_lag_ms"] = 3000
+        await c.write_event(whole)
+        refused = await collect(c, "error")
+        assert "synthesize-start" in refused.errors[0].text

@@ -18,6 +18,13 @@ Wyoming has no word-timing event. A peer that wants one sets `"speakd_words": tr
 before each segment's first `audio-chunk`, a `speakd-words` event whose `words` are timed in ms on the
 clock of the chunks' `timestamp`, with code-point spans into the text sent.
 
+A live source (captions, a transcript) streams with `"speakd_max_lag_ms": N` (and optionally
+`"speakd_max_speed"`, default 1.4) in the data of its `synthesize-start`: the core then keeps the lag
+from a chunk's arrival to its audio playing under N ms, speeding segments up and then skipping the
+oldest whole sentences, each skip told by a `speakd-skipped` event `{char_start, char_end}` (code
+points of all the text sent in the stream) before the audio that follows it. See protocol/README.md,
+"Live sources": the rules are the core's, the same as on the WebSocket.
+
 Wyoming has no authentication: the door listens on loopback unless `wyoming.allow_remote` is set.
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -38,11 +46,12 @@ from wyoming.event import async_write_event
 from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from speakd.protocol import ErrorCode
+from speakd.protocol import DEFAULT_MAX_SPEED, ErrorCode
 from speakd.server.audio.containers import open_container_encoder
 from speakd.server.core.errors import Busy, RequestRefused
 from speakd.server.core.event_stream import EventStream
-from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentWords
+from speakd.server.core.events import AudioChunk, Event, Failed, Finished, SegmentWords, Skipped
+from speakd.server.core.pace import Pace
 from speakd.server.core.synthesis import Session, SynthesisCore
 from speakd.server.frontends.wyoming_wire import MAX_HEADER_BYTES, WyomingWireError, read_event
 
@@ -58,6 +67,9 @@ STREAM_BUFFER_BYTES = 256 * 1024
 REFUSED = ""  # the stream whose start was refused: its chunks and stop are dropped quietly
 WORDS_FIELD = "speakd_words"  # speakd's extension: not Wyoming's, so prefixed
 WORDS_EVENT = "speakd-words"
+MAX_LAG_FIELD = "speakd_max_lag_ms"  # a live source: in synthesize-start only
+MAX_SPEED_FIELD = "speakd_max_speed"
+SKIPPED_EVENT = "speakd-skipped"
 
 
 def bcp47(lang: str) -> str:
@@ -101,6 +113,23 @@ class _Reply:
     stream: bool  # a synthesize-start stream: ends with synthesize-stopped
     audio_started: bool = False
     position_ms: float = 0.0
+
+
+def _pace(data: dict[str, object], *, stream: bool) -> Pace | None:
+    """The live-source extension's fields, checked for type (the core checks their range); None when
+    absent. A whole text (`synthesize`) has no pace to keep: the fields belong to streams."""
+    max_lag_ms, max_speed = data.get(MAX_LAG_FIELD), data.get(MAX_SPEED_FIELD, DEFAULT_MAX_SPEED)
+    if max_lag_ms is None:
+        if MAX_SPEED_FIELD in data:
+            raise ValueError(f"{MAX_SPEED_FIELD} needs {MAX_LAG_FIELD}")
+        return None
+    if not stream:
+        raise ValueError(f"{MAX_LAG_FIELD} is for streams (synthesize-start), not synthesize")
+    if isinstance(max_lag_ms, bool) or not isinstance(max_lag_ms, int):
+        raise ValueError(f"{MAX_LAG_FIELD} must be an integer number of milliseconds")
+    if isinstance(max_speed, bool) or not isinstance(max_speed, int | float) or not math.isfinite(max_speed):
+        raise ValueError(f"{MAX_SPEED_FIELD} must be a number")
+    return Pace(max_lag_ms / 1000, float(max_speed))
 
 
 class WyomingConnection:
@@ -222,6 +251,11 @@ class WyomingConnection:
         if words is not None and not isinstance(words, bool):
             await self._error(f"{WORDS_FIELD} must be true or false", ErrorCode.BAD_MESSAGE)
             return None
+        try:
+            pace = _pace(data, stream=stream)
+        except ValueError as exc:
+            await self._error(str(exc), ErrorCode.BAD_MESSAGE)
+            return None
         backend = self._core.backend
         wanted = voice.get("name") if isinstance(voice, dict) else None
         chosen = wanted if isinstance(wanted, str) and wanted in backend.voice_names else None
@@ -238,6 +272,7 @@ class WyomingConnection:
                 encoder=lambda: open_container_encoder("pcm", backend.sample_rate),
                 sample_rate=backend.sample_rate,
                 words=bool(words),
+                pace=pace,
             )
         except RequestRefused as exc:
             await self._error(exc.message, exc.code)
@@ -278,6 +313,10 @@ class WyomingConnection:
         if isinstance(event, SegmentWords):
             await self._start_audio(reply, audio)
             await self._write(WyomingEvent(WORDS_EVENT, {"words": [asdict(w) for w in event.words]}))
+        elif isinstance(event, Skipped):
+            await self._write(
+                WyomingEvent(SKIPPED_EVENT, {"char_start": event.char_start, "char_end": event.char_end})
+            )
         elif isinstance(event, AudioChunk):
             if not event.data:
                 return
