@@ -18,7 +18,9 @@ from test_core import open_pcm, stream_for
 
 from speakd.server.core.errors import RequestRefused
 from speakd.server.core.events import AudioChunk, Event, Finished, SegmentStarted, Skipped
+from speakd.server.core.live import LiveHold
 from speakd.server.core.pace import HeldSegment, Pace, decide
+from speakd.server.core.segmenter import Located
 from speakd.server.engines.kokoro.engine import SAMPLES_PER_FRAME, AcousticFeatures, AcousticRequest
 
 PACE = Pace(max_lag_s=4.0, max_speed=1.4)
@@ -105,6 +107,14 @@ async def live_run(
     engine: SpeedEngine, pace: Pace, sentences: int, every_s: float
 ) -> tuple[str, list[tuple[float, Event]]]:
     """Feed `sentences` at one per `every_s` into a live utterance; each event with when it came."""
+    pieces = [f"Sentence number {k} is right here now. " for k in range(sentences)]
+    return await live_feed(engine, pace, pieces, every_s)
+
+
+async def live_feed(
+    engine: SpeedEngine, pace: Pace, pieces: list[str], every_s: float
+) -> tuple[str, list[tuple[float, Event]]]:
+    """Feed `pieces` at one per `every_s` into a live utterance; each event with when it came."""
     async with running_core(engine=engine) as core:
         stream = stream_for(core)
         session = core.admit(stream)
@@ -117,10 +127,9 @@ async def live_run(
                 events.append((time.monotonic(), event))
 
         reader = asyncio.create_task(read())
-        for k in range(sentences):
-            sentence = f"Sentence number {k} is right here now. "
-            utterance.feed(sentence)
-            text += sentence
+        for piece in pieces:
+            utterance.feed(piece)
+            text += piece
             await asyncio.sleep(every_s)
         utterance.end()
         await asyncio.wait_for(reader, 30)
@@ -173,3 +182,55 @@ async def test_a_bound_too_tight_or_a_ceiling_too_high_is_refused() -> None:
             with pytest.raises(RequestRefused, match="max_"):
                 open_pcm(session, "x", pace=pace)
         session.close()
+
+
+async def test_a_slow_source_sent_word_by_word_is_spoken_whole_at_its_own_speed() -> None:
+    """A sentence is dated by its last word, when it could first be spoken: long sentences arriving
+    word by word more slowly than they are read are neither sped up nor skipped."""
+    engine = SpeedEngine(frames=24)  # 0.6 s per segment
+    sentence = "One two three four five six seven eight nine ten eleven. "
+    pieces = [word + " " for _ in range(3) for word in sentence.split()]
+    text, events = await live_feed(engine, Pace(max_lag_s=2.0, max_speed=1.4), pieces, every_s=0.15)
+    assert [kind for kind, _ in spoken_and_skipped(text, events)] == ["spoken"] * 3
+    assert set(engine.speeds) == {1.0}  # 11 words take 1.65 s to arrive: dated by the first, sped up
+
+
+async def test_text_without_sentence_ends_is_cut_once_it_has_waited_for_the_bound() -> None:
+    """Captions without punctuation are spoken in pieces cut at word boundaries, the first soon after
+    it has waited for the bound, not held back until the end."""
+    engine = SpeedEngine(frames=8)
+    words = [f"word{k} " for k in range(40)]
+    began = time.monotonic()
+    text, events = await live_feed(engine, Pace(max_lag_s=1.5, max_speed=1.4), words, every_s=0.1)
+    spoken = [when - began for when, event in events if isinstance(event, SegmentStarted)]
+    assert len(spoken) >= 3
+    assert 1.4 <= spoken[0] <= 2.5, spoken  # 4 s of words arrive; the first cut waits 1.5 s, not 4
+    # Each piece is whole words; spoken and skipped are all the words once, in order.
+    parts = spoken_and_skipped(text, events)
+    assert " ".join(piece for _, piece in parts).split() == text.split()
+
+
+def test_a_live_hold_keeps_nothing_of_what_it_has_spoken() -> None:
+    """Hours of text: what a live hold keeps stays the size of what it holds now."""
+    live = LiveHold(Pace(max_lag_s=3.0, max_speed=1.4), 1.0)
+    fed, now = 0, 0.0
+    for k in range(50_000):
+        piece = f"Caption {k} here. "
+        live.arrived(piece, now)
+        live.hold(Located(piece.strip(), fed, True))
+        fed += len(piece)
+        now += 0.5
+        handover = live.next(now, ahead_s=1.0)
+        assert handover.segment is not None or handover.skipped
+        assert not live and live.chars == 0 and len(live._arrivals) <= 2
+
+
+async def test_a_source_without_sentence_ends_falling_behind_is_skipped_piece_by_piece() -> None:
+    """No sentence ever ends, so none could be skipped whole: once one has been spoken for longer
+    than the bound, its parts are skipped like sentences, and the words are each spoken or skipped."""
+    engine = SpeedEngine(frames=120)  # every piece lasts 3 s; one is cut about every 1.5 s
+    words = [f"word{k} " for k in range(90)]
+    text, events = await live_feed(engine, Pace(max_lag_s=1.5, max_speed=1.4), words, every_s=0.1)
+    parts = spoken_and_skipped(text, events)
+    assert any(kind == "skipped" for kind, _ in parts)
+    assert " ".join(piece for _, piece in parts).split() == text.split()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from speakd.server.core.segmenter import Segmenter
+from speakd.server.core.segmenter import Located, Segmenter
 
 
 def _whole(text: str, **kwargs: Any) -> list[str]:
@@ -344,3 +344,27 @@ def test_each_segment_knows_where_it_starts_in_all_the_text_fed(seed: int) -> No
     assert offsets == sorted(offsets)
     for segment in located:
         assert text[segment.offset : segment.offset + len(segment.text)] == segment.text
+
+
+def test_cut_waiting_cuts_at_the_last_clause_else_after_the_last_whole_word() -> None:
+    """A live source's text waiting too long for its sentence to end is cut where the rest can follow."""
+    s = Segmenter(first_clause_min_words=100)
+    s.feed_located("and so we met the team on monday, then we went ho")
+    assert s.waiting_offset == 0
+    assert s.cut_waiting() == [Located("and so we met the team on monday,", 0, False)]
+    assert s.waiting_offset == 34
+    assert s.cut_waiting() == [Located("then we went", 34, False)]  # "ho" may be half a word
+    assert s.waiting_offset == 47 and s.cut_waiting() == []
+    assert s.feed_located("me. Then ") == [Located("home.", 47, True)]
+    assert s.flush_located() == [Located("Then", 53, True)]
+    assert s.waiting_offset is None and s.cut_waiting() == []
+
+
+def test_cut_waiting_keeps_later_sentences_whole() -> None:
+    s = Segmenter(first_clause_min_words=100)
+    s.feed_located("   no punctuation at all here ")
+    assert s.waiting_offset == 3
+    assert s.cut_waiting() == [Located("no punctuation at all here", 3, False)]
+    assert s.waiting_offset is None
+    assert s.feed_located("Next one. And more") == [Located("Next one.", 30, True)]
+    assert s.flush_located() == [Located("And more", 40, True)]

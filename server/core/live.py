@@ -10,7 +10,8 @@ skipped. The text budget counts the held text, and skipping keeps it down.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from speakd.server.core.pace import Decision, HeldSegment, Pace, decide
 from speakd.server.core.segmenter import Located
@@ -45,6 +46,7 @@ class LiveHold:
         self._held: deque[HeldSegment] = deque()
         self._chars_per_s = INITIAL_CHARS_PER_S
         self.mid_sentence = False  # the last segment handed over does not end its sentence
+        self._sentence_from = 0.0  # when the sentence being spoken was handed over (its first part)
 
     def __bool__(self) -> bool:
         return bool(self._held)
@@ -58,12 +60,28 @@ class LiveHold:
         self._fed += len(text)
         self._arrivals.append((self._fed, now))
 
+    def arrival_of(self, offset: int) -> float:
+        """When the character at `offset` (fed, not yet in a held segment's past) arrived."""
+        for fed, at in self._arrivals:
+            if fed > offset:
+                return at
+        return self._arrivals[-1][1] if self._arrivals else 0.0
+
     def hold(self, segment: Located) -> None:
-        """A segment was cut: it waits here, dated by the arrival of its first character."""
+        """A segment was cut: it waits here, dated by the arrival of its last character, when it could
+        first be spoken (a clause is never spoken before it is complete)."""
         while len(self._arrivals) > 1 and self._arrivals[0][0] <= segment.offset:
             self._arrivals.popleft()
-        arrival = self._arrivals[0][1] if self._arrivals else 0.0
+        arrival = self.arrival_of(segment.offset + len(segment.text) - 1)
         self._held.append(HeldSegment(segment.text, segment.offset, arrival, segment.ends_sentence))
+
+    def cut_due(self, waiting_offset: int | None, now: float) -> float | None:
+        """Seconds until the text waiting in the segmenter since `waiting_offset` must be cut (<= 0:
+        now), so that a live source without sentence ends, or a sentence longer than the bound, is
+        not held back past it; None: nothing waits."""
+        if waiting_offset is None:
+            return None
+        return self.arrival_of(waiting_offset) + self.pace.max_lag_s - now
 
     @property
     def horizon_s(self) -> float:
@@ -82,14 +100,22 @@ class LiveHold:
 
     def next(self, now: float, ahead_s: float) -> Handover:
         """Take the next segment to synthesize (held must not be empty), after the skips `decide` asks."""
-        held, pace = self._held, self.pace
+        held: Sequence[HeldSegment] = self._held
+        mid_sentence = self.mid_sentence
+        if mid_sentence and now - self._sentence_from > self.pace.max_lag_s:
+            # A sentence that has been spoken for longer than the bound has no end in sight (a source
+            # without sentence ends): its parts may be skipped, each whole, like sentences.
+            mid_sentence = False
+            held = [replace(segment, ends_sentence=True) for segment in held]
         decision: Decision = decide(
-            pace, self._base_speed, now, ahead_s, held, self.seconds, mid_sentence=self.mid_sentence
+            self.pace, self._base_speed, now, ahead_s, held, self.seconds, mid_sentence=mid_sentence
         )
         skipped = tuple(self._held.popleft() for _ in range(decision.skip))
         if not self._held:
             return Handover(None, decision.speed, skipped)
         segment = self._held.popleft()
+        if not self.mid_sentence or decision.skip:
+            self._sentence_from = now
         self.mid_sentence = not segment.ends_sentence
         return Handover(segment, decision.speed, skipped)
 

@@ -137,6 +137,37 @@ class Segmenter:
         """Characters received but not yet emitted, so the server can bound what a client holds back."""
         return len(self._buf) - self._start
 
+    @property
+    def waiting_offset(self) -> int | None:
+        """Where the first buffered character that is not whitespace is in the context's text: the
+        oldest text waiting for its segment to end (None: none waits)."""
+        rest = self._buf[self._start :]
+        kept = rest.lstrip()
+        return self._dropped + self._start + len(rest) - len(kept) if kept else None
+
+    def cut_waiting(self) -> list[Located]:
+        """Cut what is buffered now at its last clause break, else after its last complete word (one
+        whitespace follows), keeping the rest: for a live source whose sentence has waited too long
+        (text without sentence ends, or a very long sentence). [] when no word is complete yet."""
+        buf, start = self._buf, self._start
+        out: list[Located] = []
+        end = next(
+            (j + 1 for j in range(len(buf) - 2, start - 1, -1) if self._clause_ends_after(j, final=False)), 0
+        )
+        if not end:
+            end = next(
+                (j for j in range(len(buf) - 1, start, -1) if buf[j].isspace() and not buf[j - 1].isspace()),
+                0,
+            )
+        if end:
+            self._cut(end, out, sentence=False)
+            self._pos = max(self._pos, self._start)
+            self._buf = self._buf[self._start :]
+            self._dropped += self._start
+            self._pos -= self._start
+            self._start = 0
+        return out
+
     def feed(self, text: str) -> list[str]:
         """Add a fragment; return the segments it completed."""
         return [segment.text for segment in self.feed_located(text)]

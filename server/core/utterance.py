@@ -33,6 +33,9 @@ from speakd.server.metrics import SpeakdMetrics
 from speakd.server.pipeline.job import AudioEncoder, EncodedSegment, Job
 from speakd.server.pipeline.pipeline import Pipeline
 
+# A live context's text due to be cut but with no word complete yet is looked at again after this.
+CUT_RETRY_S = 0.25
+
 
 class Utterance:
     """An open utterance; it closes itself with exactly one `Finished` event (or silently on `drop`)."""
@@ -80,6 +83,7 @@ class Utterance:
         self._held: list[Located] = []  # segments cut while queued, in order, for the pipeline
         self._live = LiveHold(pace, speed) if pace is not None else None
         self._live_timer: asyncio.TimerHandle | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None  # cuts text waiting too long for its sentence
         self._ended = False  # the pipeline has the end marker
         # A live context's segments handed over and not yet wholly produced, by segment index (two
         # at most): [predicted seconds, seconds produced, characters, speed].
@@ -152,6 +156,8 @@ class Utterance:
         if self._live is not None:
             self._live.arrived(text, time.monotonic())
         self._submit(self._segmenter.feed_located(text))
+        if self._live is not None:
+            self._cut_waiting()
 
     def flush(self) -> None:
         """Synthesize what is buffered now, even mid-sentence."""
@@ -163,6 +169,7 @@ class Utterance:
         self._check_open()
         self._submit(self._segmenter.flush_located())
         self.ending = True
+        self._cancel_cut_timer()
         if not self.queued and not self._live:
             self._end_pipeline()
 
@@ -267,8 +274,30 @@ class Utterance:
             self._live_timer.cancel()
             self._live_timer = None
 
+    def _cut_waiting(self) -> None:
+        """Cut a live context's text that has waited for its sentence to end as long as the bound
+        (`LiveHold.cut_due`), and look again when the next text waiting is due."""
+        live = self._live
+        self._cancel_cut_timer()
+        if live is None or self.closed or self.ending:
+            return
+        due = live.cut_due(self._segmenter.waiting_offset, time.monotonic())
+        if due is not None and due <= 0:
+            self._submit(self._segmenter.cut_waiting())
+            due = live.cut_due(self._segmenter.waiting_offset, time.monotonic())
+            if due is not None:
+                due = max(due, CUT_RETRY_S)  # no word is complete yet: it is still arriving
+        if due is not None:
+            self._cut_timer = asyncio.get_running_loop().call_later(due, self._cut_waiting)
+
+    def _cancel_cut_timer(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+            self._cut_timer = None
+
     def _stop_live(self) -> None:
         self._cancel_live_timer()
+        self._cancel_cut_timer()
         if self._live is not None:
             self._live.clear()
 
